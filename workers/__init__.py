@@ -1,0 +1,1 @@
+"""Workers: the Celery app and tasks, the HubSpot side, and local running."""

@@ -1,0 +1,72 @@
+"""Connections to Redis: the state store (redis-py) and the Celery broker.
+
+The web process must answer HubSpot within 5 seconds, so its connections have
+short connect and read timeouts and never retry on their own: a Redis that is down
+or hangs turns into a 503 in time, and HubSpot redelivers later. The worker can
+wait longer and lets Celery reconnect.
+"""
+
+import redis
+from celery import Celery
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+QUEUE = "associator"
+PROCESS_EVENTS = "associator.process_events"
+
+WORKER_REDIS_TIMEOUT_SECONDS = 10
+
+
+def redis_client(settings, *, role: str) -> redis.Redis:
+    timeout = (
+        settings.redis_timeout_seconds
+        if role == "web"
+        else WORKER_REDIS_TIMEOUT_SECONDS
+    )
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+        health_check_interval=30,
+    )
+
+
+def celery_app(settings, *, role: str) -> Celery:
+    app = Celery("associator", broker=settings.redis_url, set_as_current=False)
+    transport_options = {
+        "visibility_timeout": settings.visibility_timeout_seconds,
+    }
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        enable_utc=True,
+        broker_connection_retry_on_startup=True,
+        # A task that outlives the visibility timeout would be handed out twice.
+        task_time_limit=settings.task_time_limit_seconds,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_concurrency=settings.worker_concurrency,
+        broker_transport_options=transport_options,
+    )
+    if role == "web":
+        timeout = settings.redis_timeout_seconds
+        transport_options.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+        )
+        app.conf.update(
+            broker_connection_timeout=timeout,
+            broker_connection_retry=False,
+            broker_connection_max_retries=0,
+            task_publish_retry=False,
+            broker_pool_limit=None,
+        )
+    return app
