@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from workers.logs import get_logger
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 LOOPBACK_HOST = "127.0.0.1"
 PING_TIMEOUT_SECONDS = 0.5
@@ -200,7 +200,7 @@ class EmbeddedRedis:
             self.stop()
             raise
 
-        log.info(
+        logger.info(
             "embedded_redis_started",
             port=self.port,
             pid=self.process.pid,
@@ -218,7 +218,7 @@ class EmbeddedRedis:
         try:
             process.wait(self.shutdown_timeout)
         except subprocess.TimeoutExpired:
-            log.warning(
+            logger.warning(
                 "embedded_redis_stop_timeout",
                 port=self.port,
                 pid=process.pid,
@@ -227,7 +227,7 @@ class EmbeddedRedis:
             process.kill()
             process.wait()
 
-        log.info(
+        logger.info(
             "embedded_redis_stopped",
             port=self.port,
             pid=process.pid,
