@@ -11,7 +11,7 @@ import requests
 from webhook.signature import sign_v1, sign_v3
 from workers.local_service import LocalService, RunError, local_client_secret
 from workers.logs import configure_logging
-from workers.settings import ConfigError, Settings
+from workers.settings import ConfigError, Settings, markdown_table
 
 TEST_PORTAL_ID = 62515
 TEST_APP_ID = 54321
@@ -45,6 +45,11 @@ def main(argv=None) -> int:
     )
     send.set_defaults(handler=cmd_send_test_event)
 
+    table = commands.add_parser(
+        "settings", help="print every setting as the README's Markdown table"
+    )
+    table.set_defaults(handler=cmd_settings)
+
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -52,6 +57,11 @@ def main(argv=None) -> int:
     except (ConfigError, RunError) as exc:
         print(f"associator: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_settings(args, settings: Settings) -> int:
+    print(markdown_table(), end="")
+    return 0
 
 
 def cmd_run(args, settings: Settings) -> int:

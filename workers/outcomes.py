@@ -39,6 +39,12 @@ class OutcomeStore:
             OUTCOME_PREFIX + dedup_key, json.dumps(entry), ex=OUTCOME_TTL_SECONDS
         )
 
+    def get_many(self, dedup_keys: list[str]) -> list[dict | None]:
+        if not dedup_keys:
+            return []
+        raws = self.redis.mget([OUTCOME_PREFIX + key for key in dedup_keys])
+        return [json.loads(raw) if raw else None for raw in raws]
+
     def get(self, dedup_key: str) -> dict | None:
         raw = self.redis.get(OUTCOME_PREFIX + dedup_key)
         return json.loads(raw) if raw else None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path(".associator")
+# The path families workers.hubspot.ApiPaths knows.
+HUBSPOT_API_VERSIONS = ("2026-03", "v4")
 
 
 class ConfigError(Exception):
@@ -44,6 +46,22 @@ class Settings:
         "process; under `associator run` events are skipped with `no_credentials` "
         "when unset.",
         secret=True,
+    )
+    hubspot_api_base_url: str = _var(
+        "HUBSPOT_API_BASE_URL",
+        "https://api.hubapi.com",
+        "Where the worker sends HubSpot API calls; tests point it at a fake.",
+    )
+    hubspot_api_version: str = _var(
+        "HUBSPOT_API_VERSION",
+        "2026-03",
+        "Which HubSpot paths the worker calls: `2026-03` (dated) or `v4` "
+        "(numbered: `/crm/v4` associations, `/crm/v3` objects).",
+    )
+    http_timeout_seconds: float = _var(
+        "ASSOCIATOR_HTTP_TIMEOUT_SECONDS",
+        10.0,
+        "Connect and read timeout of each HubSpot API call.",
     )
     redis_url: str | None = _var(
         "REDIS_URL",
@@ -137,15 +155,93 @@ class Settings:
         20.0,
         "How long `associator run` waits for the embedded Redis to answer.",
     )
+    rules_path: str | None = _var(
+        "ASSOCIATOR_RULES",
+        None,
+        "Path of the rules file (TOML); the built-in defaults apply when unset.",
+    )
+    dry_run: bool = _var(
+        "ASSOCIATOR_DRY_RUN",
+        False,
+        "`true` plans and records everything and writes nothing.",
+    )
+    settle_seconds: float = _var(
+        "ASSOCIATOR_SETTLE_SECONDS",
+        10.0,
+        "How old (from `occurredAt`) an event must be before it is planned, "
+        "because HubSpot's search lags writes.",
+    )
+    recheck_seconds: float = _var(
+        "ASSOCIATOR_RECHECK_SECONDS",
+        300.0,
+        "When a match search found no candidate, the event is planned once more "
+        "after this long.",
+    )
+    write_claim_seconds: int = _var(
+        "ASSOCIATOR_WRITE_CLAIM_SECONDS",
+        600,
+        "How long a planned write holds its claim on an association, so that two "
+        "plans never write it twice.",
+    )
+    label_cache_seconds: int = _var(
+        "ASSOCIATOR_LABEL_CACHE_SECONDS",
+        24 * 3600,
+        "How long association label definitions are cached in Redis.",
+    )
+    mover_interval_seconds: float = _var(
+        "ASSOCIATOR_MOVER_INTERVAL_SECONDS",
+        1.0,
+        "How often each worker moves due delayed work onto the queue.",
+    )
+    delay_lease_seconds: float = _var(
+        "ASSOCIATOR_DELAY_LEASE_SECONDS",
+        60.0,
+        "How long a taken delay-set entry is hidden from other movers before it "
+        "comes due again (if its mover died before queueing it).",
+    )
+    max_calls_per_task: int = _var(
+        "ASSOCIATOR_MAX_CALLS_PER_TASK",
+        20,
+        "Most HubSpot calls one task makes; beyond it the rest is retried later. "
+        "Times the HTTP timeout it must stay below the task time limit.",
+    )
+    max_attempts: int = _var(
+        "ASSOCIATOR_MAX_ATTEMPTS",
+        10,
+        "Transient failures an event may meet before it is dead-lettered.",
+    )
+    retry_base_seconds: float = _var(
+        "ASSOCIATOR_RETRY_BASE_SECONDS",
+        2.0,
+        "Base of the exponential retry backoff (full jitter).",
+    )
+    retry_max_seconds: float = _var(
+        "ASSOCIATOR_RETRY_MAX_SECONDS",
+        3600.0,
+        "Longest single retry delay.",
+    )
 
     def __post_init__(self):
         if self.log_format is None:
             object.__setattr__(self, "log_format", _default_log_format())
         if self.log_format not in ("json", "console"):
             raise ConfigError("ASSOCIATOR_LOG_FORMAT must be `json` or `console`.")
+        if self.hubspot_api_version not in HUBSPOT_API_VERSIONS:
+            raise ConfigError("HUBSPOT_API_VERSION must be `2026-03` or `v4`.")
+        if self.http_timeout_seconds <= 0:
+            raise ConfigError("ASSOCIATOR_HTTP_TIMEOUT_SECONDS must be above 0.")
         if not 0 < self.redis_timeout_seconds <= 1:
             raise ConfigError(
                 "ASSOCIATOR_REDIS_TIMEOUT_SECONDS must be above 0 and at most 1."
+            )
+        if (
+            self.http_timeout_seconds * self.max_calls_per_task
+            >= self.task_time_limit_seconds
+        ):
+            raise ConfigError(
+                "ASSOCIATOR_HTTP_TIMEOUT_SECONDS times ASSOCIATOR_MAX_CALLS_PER_TASK "
+                "must stay below ASSOCIATOR_TASK_TIME_LIMIT, or a task could be "
+                "killed in the middle of its calls."
             )
         if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
             raise ConfigError(
@@ -197,6 +293,22 @@ def variables():
     """(name, default, doc) of every variable, in declaration order."""
     for f in dataclasses.fields(Settings):
         yield f.metadata["env"], f.default, f.metadata["doc"]
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated so it cannot drift."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, doc in variables():
+        if name == "ASSOCIATOR_LOG_FORMAT":
+            shown = "`json` off a terminal"
+        elif default is None:
+            shown = "—"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `{name}` | {shown} | {doc} |")
+    return "\n".join(rows) + "\n"
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -2,55 +2,234 @@
 
 The Celery task in :mod:`workers.worker` only turns its JSON arguments into a
 call of :func:`handle_events`, so the logic is tested without Celery.
+
+Every kept event ends in exactly one recorded outcome: ``applied``, ``skipped``
+with a reason, or ``dead_lettered`` with a reason. Until then it is either in a
+task or in the delay set (settling, waiting for a recheck or a retry).
 """
 
+import random
+import time
+import traceback
+from collections import defaultdict
 from dataclasses import dataclass
 
+from workers.credentials import UnknownPortal
+from workers.dead_letters import DeadLetterStore
+from workers.delays import DelaySet
 from workers.events import Event
+from workers.hubspot import HubSpotError, PermanentError, TransientError
+from workers.labels import LabelResolver
 from workers.logs import get_logger
-from workers.outcomes import SKIPPED, OutcomeStore
+from workers.outcomes import DEAD_LETTERED, SKIPPED, OutcomeStore
+from workers.planner import Planner
+from workers.rules import RulesError, RuleSet
 
 log = get_logger(__name__)
 
 
 @dataclass
 class WorkerContext:
+    settings: object
     redis: object
     outcomes: OutcomeStore
-    has_credentials: bool
+    dead_letters: DeadLetterStore
+    delays: DelaySet
+    rules: RuleSet
+    labels: LabelResolver
+    # credentials_for(portal_id) -> HubSpotClient | None; raises UnknownPortal.
+    credentials_for: object
+    credentials: object = None
 
 
-def handle_events(raw_events: list[dict], *, context: WorkerContext, task_id: str):
+def handle_events(
+    raw_events: list[dict], *, context: WorkerContext, task_id: str, meta=None
+):
+    meta = dict(meta or {})
     events = [Event.from_json(raw) for raw in raw_events]
-    log.info("events_picked_up", task=task_id, events=len(events))
+    log.info(
+        "events_picked_up",
+        task=task_id,
+        events=len(events),
+        reason=meta.get("reason", "delivery"),
+        attempt=meta.get("attempt", 0),
+    )
 
+    # An event decided by an earlier delivery of the same work is not redone.
+    decided = context.outcomes.get_many([e.dedup_key for e in events])
+    events = [e for e, outcome in zip(events, decided, strict=True) if not outcome]
+    events = _settle(events, context, meta)
+
+    by_portal: dict[int, list[Event]] = defaultdict(list)
     for event in events:
-        if context.outcomes.get(event.dedup_key) is not None:
-            # Already decided by an earlier delivery of the same work.
-            log.info("event_already_done", task=task_id, event=event.dedup_key)
-            continue
-        if not context.has_credentials:
-            context.outcomes.record(
-                event.dedup_key, SKIPPED, reason="no_credentials", task=task_id
-            )
-            log.warning(
-                "event_outcome",
-                outcome=SKIPPED,
-                reason="no_credentials",
-                portal=event.portal_id,
-                object=event.object_ref,
-                event_id=event.event_id,
-                subscription=event.subscription_type,
-                task=task_id,
-            )
-            continue
-        # TODO: plan and write the missing associations (the association rules
-        # and the HubSpot client come next); until then the event is only logged.
-        log.info(
-            "event_received",
-            portal=event.portal_id,
-            object=event.object_ref,
-            event_id=event.event_id,
-            subscription=event.subscription_type,
-            task=task_id,
+        by_portal[event.portal_id].append(event)
+    for portal_id, group in by_portal.items():
+        _plan_portal(portal_id, group, context=context, task_id=task_id, meta=meta)
+
+
+def _settle(events: list[Event], context: WorkerContext, meta) -> list[Event]:
+    """Keep the events old enough to be found by search; delay the others."""
+    settle = context.settings.settle_seconds
+    now = time.time()
+    young = [e for e in events if e.occurred_at and e.occurred_at / 1000 + settle > now]
+    if young:
+        due = max(e.occurred_at for e in young) / 1000 + settle
+        context.delays.add(
+            [e.to_json() for e in young], due_at=due, reason="settle", **meta
         )
+        log.info("events_settling", events=len(young), seconds=round(due - now, 1))
+    young_keys = {e.dedup_key for e in young}
+    return [e for e in events if e.dedup_key not in young_keys]
+
+
+def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
+    started = time.monotonic()
+    try:
+        client = context.credentials_for(portal_id)
+    except UnknownPortal as exc:
+        for event in events:
+            _dead_letter(context, event, "unknown_portal", str(exc), task_id, meta)
+        log.warning("unknown_portal", portal=portal_id, events=len(events))
+        return
+    if client is None:
+        for event in events:
+            _record(context, event, task_id, SKIPPED, reason="no_credentials")
+        return
+
+    planner = Planner(
+        client=client,
+        portal_id=portal_id,
+        rules=context.rules,
+        labels=context.labels,
+        redis=context.redis,
+        claim_seconds=context.settings.write_claim_seconds,
+        dry_run=context.settings.dry_run,
+    )
+    calls_before = client.api_calls
+    client.before_request = _call_budget(client, context.settings.max_calls_per_task)
+    try:
+        result = planner.run(events, recheck=bool(meta.get("recheck")))
+    except TransientError as exc:
+        _retry(context, events, exc, meta)
+        return
+    except (PermanentError, RulesError) as exc:
+        reason = (
+            "configuration_error"
+            if isinstance(exc, RulesError)
+            else ("hubspot_refused")
+        )
+        for event in events:
+            _dead_letter(context, event, reason, str(exc), task_id, meta)
+        return
+    except Exception:
+        details = traceback.format_exc()
+        for event in events:
+            _dead_letter(context, event, "unexpected_error", details, task_id, meta)
+        log.exception("plan_failed", portal=portal_id, task=task_id)
+        return
+
+    by_key = {e.dedup_key: e for e in events}
+    for key, outcome in result.outcomes.items():
+        fields = {k: v for k, v in outcome.items() if k != "outcome"}
+        _record(context, by_key[key], task_id, outcome["outcome"], **fields)
+    if result.recheck:
+        context.delays.add(
+            [e.to_json() for e in result.recheck],
+            due_at=time.time() + context.settings.recheck_seconds,
+            reason="recheck",
+            recheck=True,
+        )
+        log.info("events_recheck_scheduled", events=len(result.recheck))
+    for event, reason, details in result.dead:
+        _dead_letter(context, event, reason, details, task_id, meta)
+    if result.retry:
+        _retry(context, [e for e, _ in result.retry], result.retry[0][1], meta)
+
+    log.info(
+        "plan_applied",
+        portal=portal_id,
+        task=task_id,
+        events=len(events),
+        created=result.created,
+        api_calls=client.api_calls - calls_before,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+
+
+def _call_budget(client, most: int):
+    """Stop a task before its calls could outlast the task time limit."""
+    limit = client.api_calls + most
+
+    def check(kind: str) -> None:
+        if client.api_calls >= limit:
+            raise TransientError(f"call budget of {most} per task used up")
+
+    return check
+
+
+def retry_delay(attempt: int, settings, retry_after: float | None) -> float:
+    """Full jitter: random(0, min(max, base * 2^attempt)), or Retry-After if larger."""
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2**attempt)
+    delay = random.uniform(0, ceiling)  # noqa: S311 - jitter, not security
+    return max(delay, retry_after or 0)
+
+
+def _retry(context: WorkerContext, events, error: HubSpotError, meta):
+    attempt = int(meta.get("attempt", 0)) + 1
+    if attempt >= context.settings.max_attempts:
+        for event in events:
+            _dead_letter(
+                context,
+                event,
+                "retries_exhausted",
+                f"{type(error).__name__}: {error}",
+                None,
+                {**meta, "attempt": attempt},
+            )
+        return
+    delay = retry_delay(attempt, context.settings, getattr(error, "retry_after", None))
+    context.delays.add(
+        [e.to_json() for e in events],
+        due_at=time.time() + delay,
+        reason="retry",
+        **{**meta, "attempt": attempt},
+    )
+    log.warning(
+        "events_retry_scheduled",
+        events=len(events),
+        attempt=attempt,
+        seconds=round(delay, 2),
+        error=type(error).__name__,
+        status=getattr(error, "status", None),
+    )
+
+
+def _dead_letter(context: WorkerContext, event, reason, details, task_id, meta):
+    entry_id = context.dead_letters.add(
+        reason,
+        [event.to_json()],
+        details=details,
+        attempts=int(meta.get("attempt", 0)),
+        portal_id=event.portal_id,
+    )
+    _record(context, event, task_id, DEAD_LETTERED, reason=reason, dead_letter=entry_id)
+
+
+def _record(context: WorkerContext, event: Event, task_id, outcome, **fields):
+    context.outcomes.record(event.dedup_key, outcome, task=task_id, **fields)
+    if outcome == DEAD_LETTERED:
+        level = log.error
+    elif outcome == SKIPPED and fields.get("reason") == "no_credentials":
+        level = log.warning
+    else:
+        level = log.info
+    level(
+        "event_outcome",
+        outcome=outcome,
+        portal=event.portal_id,
+        object=event.object_ref,
+        event_id=event.event_id,
+        subscription=event.subscription_type,
+        task=task_id,
+        **fields,
+    )

@@ -10,8 +10,14 @@ import sys
 from celery import signals
 
 from workers import connections
-from workers.logs import configure_logging, get_logger
+from workers.credentials import PrivateAppCredentials
+from workers.dead_letters import DeadLetterStore
+from workers.delays import DelaySet, Mover
+from workers.hubspot import HubSpotError
+from workers.labels import LabelResolver
+from workers.logs import Redactor, configure_logging, get_logger
 from workers.outcomes import OutcomeStore
+from workers.rules import RulesError, load_rules
 from workers.settings import ConfigError, Settings
 from workers.tasks import WorkerContext, handle_events
 
@@ -25,7 +31,8 @@ def _load_settings() -> Settings:
         if not settings.local:
             required.append("HUBSPOT_ACCESS_TOKEN")
         settings.require(*required, role="worker")
-    except ConfigError as exc:
+        load_rules(settings.rules_path)
+    except (ConfigError, RulesError) as exc:
         print(f"associator: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings
@@ -34,6 +41,7 @@ def _load_settings() -> Settings:
 settings = _load_settings()
 app = connections.celery_app(settings, role="worker")
 _context: WorkerContext | None = None
+_mover: Mover | None = None
 
 
 @signals.setup_logging.connect
@@ -42,10 +50,55 @@ def _setup_logging(**_):
     configure_logging(settings, process="worker")
 
 
+def context() -> WorkerContext:
+    """The worker's shared pieces, built once per process (after the fork)."""
+    global _context
+    if _context is None:
+        redis = connections.redis_client(settings, role="worker")
+        credentials = PrivateAppCredentials(settings, redis)
+        _context = WorkerContext(
+            settings=settings,
+            redis=redis,
+            outcomes=OutcomeStore(redis),
+            dead_letters=DeadLetterStore(redis, Redactor(settings.secrets)),
+            delays=DelaySet(redis, lease_seconds=settings.delay_lease_seconds),
+            rules=load_rules(settings.rules_path),
+            labels=LabelResolver(redis, refresh_seconds=settings.label_cache_seconds),
+            credentials_for=credentials.credentials_for,
+            credentials=credentials,
+        )
+    return _context
+
+
+def publish(events: list[dict], meta: dict) -> None:
+    app.send_task(
+        connections.PROCESS_EVENTS,
+        args=[events],
+        kwargs={"meta": meta},
+        queue=connections.QUEUE,
+    )
+
+
 @signals.worker_ready.connect
-def _announce(**_):
-    if settings.hubspot_access_token:
-        log.info("worker_ready", queue=connections.QUEUE, credentials="private_app")
+def _start(**_):
+    global _mover
+    shared = context()
+    credentials = shared.credentials
+    if credentials.configured:
+        try:
+            portal = credentials.token_portal()
+        except HubSpotError as exc:
+            log.error("token_portal_unknown", reason=str(exc))
+            portal = None
+        log.info(
+            "worker_ready",
+            queue=connections.QUEUE,
+            credentials="private_app",
+            portal=portal,
+            api_version=settings.hubspot_api_version,
+            rules=[r.name for r in shared.rules.rules],
+            dry_run=settings.dry_run,
+        )
     else:
         log.warning(
             "worker_ready",
@@ -54,20 +107,20 @@ def _announce(**_):
             detail="HUBSPOT_ACCESS_TOKEN is not set: events are skipped "
             "with reason no_credentials",
         )
+    _mover = Mover(
+        shared.delays, publish, interval_seconds=settings.mover_interval_seconds
+    )
+    _mover.start()
 
 
-def context() -> WorkerContext:
-    global _context
-    if _context is None:
-        redis = connections.redis_client(settings, role="worker")
-        _context = WorkerContext(
-            redis=redis,
-            outcomes=OutcomeStore(redis),
-            has_credentials=bool(settings.hubspot_access_token),
-        )
-    return _context
+@signals.worker_shutdown.connect
+def _stop(**_):
+    if _mover is not None:
+        _mover.stop()
 
 
 @app.task(name=connections.PROCESS_EVENTS, bind=True)
-def process_events(self, events: list[dict], delivery_id: str | None = None):
-    handle_events(events, context=context(), task_id=self.request.id)
+def process_events(
+    self, events: list[dict], delivery_id: str | None = None, meta: dict | None = None
+):
+    handle_events(events, context=context(), task_id=self.request.id, meta=meta)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.settings import ConfigError, Settings, variables
+from workers.settings import ConfigError, Settings, markdown_table, variables
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -63,3 +63,9 @@ def test_names_follow_the_convention():
 def test_the_readme_table_lists_every_variable_and_no_other():
     table = re.findall(r"^\| `([A-Z_0-9]+)` \|", README.read_text(), re.MULTILINE)
     assert sorted(table) == sorted(name for name, _, _ in variables())
+
+
+def test_the_readme_table_is_the_generated_one():
+    assert markdown_table() in README.read_text(), (
+        "regenerate the README table with `associator settings`"
+    )

@@ -1,0 +1,673 @@
+"""Plan the associations a batch of events calls for, and write the missing ones.
+
+Events are planned together so that a batch costs a handful of API calls however
+many events it holds: records are read in one batch call per type, candidates are
+found with one ``IN`` search per rule or one association read per hop, existing
+associations are read in one call per pair of types, and the missing ones are
+written in one call per pair of types and kind of write.
+
+The service only adds. A labeled write sends the pair's existing types plus the
+new one, because HubSpot replaces a pair's labels with the ones sent. An existing
+Primary is never moved: Primary is only added to a record that has none.
+
+Before writing, each association is claimed in Redis (``SET NX``) so that two
+plans racing for the same pair write it once; a failed write releases its claim.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from workers.events import ASSOCIATION_CHANGE, Event, object_label
+from workers.hubspot import (
+    AssociationInput,
+    AssociationType,
+    HubSpotError,
+    PermanentError,
+)
+from workers.labels import LabelResolver
+from workers.rules import (
+    MATCH,
+    PRIMARY,
+    REFERENCE,
+    UNLABELED,
+    VIA,
+    Rule,
+    RuleSet,
+    url_host,
+)
+
+CLAIM_PREFIX = "associator:write:"
+EMAIL_LIKE = ("email_domain", "url_host")
+
+
+@dataclass(frozen=True)
+class Pair:
+    from_type: str
+    from_id: int
+    to_type: str
+    to_id: int
+
+    def __str__(self) -> str:
+        return (
+            f"{object_label(self.from_type)}:{self.from_id}"
+            f"\u2192{object_label(self.to_type)}:{self.to_id}"
+        )
+
+    def claim_key(self, portal_id: int, suffix: str = "") -> str:
+        # The same whichever side planned it: both ends in a fixed order.
+        ends = sorted(
+            [f"{self.from_type}:{self.from_id}", f"{self.to_type}:{self.to_id}"]
+        )
+        return f"{CLAIM_PREFIX}{portal_id}:{ends[0]}:{ends[1]}{suffix}"
+
+
+@dataclass
+class Subject:
+    """A record to plan for, and the event it came from."""
+
+    event: Event
+    object_type: str
+    object_id: int
+    rules: list[tuple[Rule, bool]]  # (rule, reverse)
+
+
+@dataclass
+class Wanted:
+    pair: Pair
+    types: set[AssociationType]
+    rules: set[str]
+    events: set[str]
+
+
+@dataclass
+class PlanResult:
+    outcomes: dict[str, dict] = field(default_factory=dict)
+    recheck: list[Event] = field(default_factory=list)
+    retry: list[tuple[Event, HubSpotError]] = field(default_factory=list)
+    dead: list[tuple[Event, str, str]] = field(default_factory=list)
+    api_calls: int = 0
+    created: int = 0
+
+
+class Planner:
+    def __init__(
+        self,
+        *,
+        client,
+        portal_id: int,
+        rules: RuleSet,
+        labels: LabelResolver,
+        redis,
+        claim_seconds: int,
+        dry_run: bool = False,
+    ):
+        self.client = client
+        self.portal_id = portal_id
+        self.rules = rules
+        self.labels = labels
+        self.redis = redis
+        self.claim_seconds = claim_seconds
+        self.dry_run = dry_run
+
+    # -- the whole plan ---------------------------------------------------------
+
+    def run(self, events: list[Event], *, recheck: bool = False) -> PlanResult:
+        result = PlanResult()
+        calls_before = self.client.api_calls
+        self._primary_asks: dict[tuple[str, int, str], dict[Pair, bool]] = {}
+        self._has_primary: set[tuple[str, int, str]] = set()
+        self._has_any: set[tuple[str, int, str]] = set()
+        self._written: dict[Pair, tuple] = {}
+        self._dry: set[Pair] = set()
+        skip: dict[str, str] = {}
+        found: dict[str, list[Pair]] = defaultdict(list)
+        rules_of: dict[str, set[str]] = defaultdict(set)
+        no_candidate_match: set[str] = set()
+
+        subjects = self._subjects(events, skip)
+        records = self._read_records(subjects, skip)
+        self._apply_filters(subjects, records, skip)
+
+        by_rule: dict[tuple[str, bool], list[Subject]] = defaultdict(list)
+        for subject in subjects:
+            if subject.event.dedup_key in skip:
+                continue
+            for rule, reverse in subject.rules:
+                if _passes(rule, reverse, records.get(_ref(subject))):
+                    by_rule[(rule.name, reverse)].append(subject)
+
+        rules_by_name = {r.name: r for r in self.rules.rules}
+        candidates: dict[tuple[str, str], list[Pair]] = {}
+        free_mail: set[str] = set()
+        for (name, reverse), group in by_rule.items():
+            rule = rules_by_name[name]
+            pairs_of = self._candidates(rule, reverse, group, records, free_mail)
+            for subject in group:
+                key = subject.event.dedup_key
+                pairs = pairs_of.get(_ref(subject), [])
+                candidates[(key, name + ("/reverse" if reverse else ""))] = pairs
+                rules_of[key].add(name)
+                found[key].extend(pairs)
+                if not pairs and rule.kind == MATCH:
+                    no_candidate_match.add(key)
+
+        wanted = self._wanted(candidates, rules_by_name)
+        existing = self._existing(wanted)
+        writes, present = self._decide(wanted, existing)
+        done, failed = self._write(writes, result)
+
+        self._outcomes(
+            events,
+            skip=skip,
+            found=found,
+            rules_of=rules_of,
+            free_mail=free_mail,
+            no_candidate_match=no_candidate_match,
+            wanted=wanted,
+            done=done,
+            present=present,
+            failed=failed,
+            recheck=recheck,
+            result=result,
+        )
+        result.api_calls = self.client.api_calls - calls_before
+        return result
+
+    # -- what to plan ------------------------------------------------------------
+
+    def _subjects(self, events, skip) -> list[Subject]:
+        subjects = []
+        for event in events:
+            if event.kind == ASSOCIATION_CHANGE:
+                subjects.extend(self._replan_subjects(event, skip))
+                continue
+            rules = [(r, False) for r in self.rules.forward(event.object_type_id)]
+            rules += [(r, True) for r in self.rules.reverse(event.object_type_id)]
+            if not rules:
+                skip[event.dedup_key] = "no_rule"
+                continue
+            subjects.append(
+                Subject(event, event.object_type_id, event.object_id, rules)
+            )
+        return subjects
+
+    def _replan_subjects(self, event: Event, skip) -> list[Subject]:
+        change = event.association
+        if change is None or change.removed or change.to_object_id is None:
+            skip[event.dedup_key] = "no_rule"
+            return []
+        triggers = self.rules.replan_triggers(
+            change.from_object_type_id, change.to_object_type_id
+        )
+        if not triggers:
+            skip[event.dedup_key] = "no_rule"
+            return []
+        subjects = []
+        for rule, side in triggers:
+            object_id = change.from_object_id if side == "from" else change.to_object_id
+            subjects.append(Subject(event, rule.from_type, object_id, [(rule, False)]))
+        return subjects
+
+    def _read_records(self, subjects, skip) -> dict[tuple[str, int], dict]:
+        needed: dict[str, set[str]] = defaultdict(set)
+        ids: dict[str, set[int]] = defaultdict(set)
+        for subject in subjects:
+            props = set()
+            for rule, reverse in subject.rules:
+                props |= set(rule.when) if not reverse else set()
+                if reverse:
+                    props.add(rule.to_property)
+                elif rule.kind in (MATCH, REFERENCE):
+                    props.add(rule.property)
+            if props:
+                needed[subject.object_type] |= props
+                ids[subject.object_type].add(subject.object_id)
+
+        records = {}
+        for object_type, type_ids in ids.items():
+            read = self.client.read_records(
+                object_type, sorted(type_ids), sorted(needed[object_type])
+            )
+            for record_id, properties in read.records.items():
+                records[(object_type, record_id)] = properties
+            for record_id in read.missing:
+                records[(object_type, record_id)] = None
+        for subject in subjects:
+            if records.get(_ref(subject), {}) is None:
+                skip[subject.event.dedup_key] = "record_missing"
+        return records
+
+    def _apply_filters(self, subjects, records, skip) -> None:
+        for subject in subjects:
+            key = subject.event.dedup_key
+            if key in skip:
+                continue
+            record = records.get(_ref(subject))
+            if not any(_passes(r, rev, record) for r, rev in subject.rules):
+                skip[key] = "filtered_out"
+
+    # -- candidates --------------------------------------------------------------
+
+    def _candidates(self, rule, reverse, group, records, free_mail):
+        """{(type, id) of subject: [pairs in the rule's direction]}."""
+        if rule.kind == VIA:
+            return self._via(rule, group)
+        if rule.kind == REFERENCE:
+            return self._reference(rule, group, records)
+        if reverse:
+            return self._match_reverse(rule, group, records, free_mail)
+        return self._match(rule, group, records, free_mail)
+
+    def _match(self, rule: Rule, group, records, free_mail):
+        values = {}
+        for subject in group:
+            value = rule.normalise(
+                (records.get(_ref(subject)) or {}).get(rule.property)
+            )
+            if value is None:
+                continue
+            if rule.transform in EMAIL_LIKE and value in self.rules.free_mail_domains:
+                free_mail.add(subject.event.dedup_key)
+                continue
+            values[_ref(subject)] = value
+        if not values:
+            return {}
+
+        found = self.client.search(
+            rule.to_type,
+            rule.to_property,
+            sorted(set(values.values())),
+            [rule.to_property],
+        )
+        by_value = defaultdict(list)
+        for record in found:
+            value = _normalise_other(rule, record["properties"].get(rule.to_property))
+            if value is not None:
+                by_value[value].append(record["id"])
+        return {
+            ref: [
+                Pair(rule.from_type, ref[1], rule.to_type, to_id)
+                for to_id in sorted(set(by_value.get(value, [])))
+            ]
+            for ref, value in values.items()
+        }
+
+    def _match_reverse(self, rule: Rule, group, records, free_mail):
+        values = {}
+        for subject in group:
+            record = records.get(_ref(subject)) or {}
+            value = _normalise_other(rule, record.get(rule.to_property))
+            if value is None:
+                continue
+            if rule.transform in EMAIL_LIKE and value in self.rules.free_mail_domains:
+                free_mail.add(subject.event.dedup_key)
+                continue
+            values[_ref(subject)] = value
+        if not values:
+            return {}
+
+        search_property = rule.reverse_property or rule.property
+        properties = sorted({rule.property, search_property})
+        found = self.client.search(
+            rule.from_type, search_property, sorted(set(values.values())), properties
+        )
+        by_value = defaultdict(list)
+        for record in found:
+            props = record["properties"]
+            value = rule.normalise(props.get(rule.property))
+            if value is None and search_property != rule.property:
+                value = _normalise_other(rule, props.get(search_property))
+            if value is not None:
+                by_value[value].append(record["id"])
+        return {
+            ref: [
+                Pair(rule.from_type, from_id, rule.to_type, ref[1])
+                for from_id in sorted(set(by_value.get(value, [])))
+            ]
+            for ref, value in values.items()
+        }
+
+    def _via(self, rule: Rule, group):
+        subject_ids = sorted({s.object_id for s in group})
+        first = self.client.read_associations(
+            rule.from_type, rule.through_type, subject_ids
+        )
+        through_ids = sorted({a.to_id for links in first.values() for a in links})
+        second = (
+            self.client.read_associations(rule.through_type, rule.to_type, through_ids)
+            if through_ids
+            else {}
+        )
+        result = {}
+        for subject_id in subject_ids:
+            targets = {
+                a.to_id
+                for link in first.get(subject_id, [])
+                for a in second.get(link.to_id, [])
+            }
+            result[(rule.from_type, subject_id)] = [
+                Pair(rule.from_type, subject_id, rule.to_type, to_id)
+                for to_id in sorted(targets)
+            ]
+        return result
+
+    def _reference(self, rule: Rule, group, records):
+        values = {}
+        for subject in group:
+            raw = (records.get(_ref(subject)) or {}).get(rule.property)
+            value = rule.normalise(raw)
+            if value is not None:
+                values[_ref(subject)] = value
+        if not values:
+            return {}
+
+        by_value = defaultdict(list)
+        if rule.to_property is None:
+            ids = sorted({int(v) for v in values.values() if v.isdigit()})
+            if ids:
+                read = self.client.read_records(rule.to_type, ids, [])
+                for record_id in read.records:
+                    by_value[str(record_id)].append(record_id)
+        else:
+            found = self.client.search(
+                rule.to_type,
+                rule.to_property,
+                sorted(set(values.values())),
+                [rule.to_property],
+            )
+            for record in found:
+                value = rule.normalise(record["properties"].get(rule.to_property))
+                if value is not None:
+                    by_value[value].append(record["id"])
+        return {
+            ref: [
+                Pair(rule.from_type, ref[1], rule.to_type, to_id)
+                for to_id in sorted(set(by_value.get(value, [])))
+            ]
+            for ref, value in values.items()
+        }
+
+    # -- what is missing ---------------------------------------------------------
+
+    def _wanted(self, candidates, rules_by_name) -> dict[Pair, Wanted]:
+        wanted: dict[Pair, Wanted] = {}
+        # (from end) -> {pair: strict}; strict asks (from a reverse match) need the
+        # from-record to have no association of the target type at all.
+        primary_asks: dict[tuple[str, int, str], dict[Pair, bool]] = defaultdict(dict)
+        for (event_key, rule_key), pairs in candidates.items():
+            rule = rules_by_name[rule_key.removesuffix("/reverse")]
+            label = (
+                None
+                if rule.association == UNLABELED
+                else self._type(rule, rule.association)
+            )
+            for pair in pairs:
+                entry = wanted.setdefault(pair, Wanted(pair, set(), set(), set()))
+                entry.types.add(self._type(rule, UNLABELED))
+                if label is not None:
+                    entry.types.add(label)
+                entry.rules.add(rule.name)
+                entry.events.add(event_key)
+            if not rule.primary_when_single:
+                continue
+            reverse = rule_key.endswith("/reverse")
+            if reverse or len(pairs) == 1:
+                for pair in pairs:
+                    ends = (pair.from_type, pair.from_id, pair.to_type)
+                    primary_asks[ends][pair] = reverse or primary_asks[ends].get(
+                        pair, False
+                    )
+
+        # Primary goes only where one target is asked for in the whole plan; the
+        # check against existing associations happens once they are read.
+        self._primary_asks = {
+            ends: asks
+            for ends, asks in primary_asks.items()
+            if len({p.to_id for p in asks}) == 1
+        }
+        return wanted
+
+    def _type(self, rule: Rule, name: str) -> AssociationType:
+        return self.labels.resolve(
+            self.client, self.portal_id, rule.from_type, rule.to_type, name
+        )
+
+    def _existing(self, wanted) -> dict[Pair, set[AssociationType]]:
+        from_ids: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for pair in wanted:
+            from_ids[(pair.from_type, pair.to_type)].add(pair.from_id)
+
+        existing: dict[Pair, set[tuple[str, int]]] = {}
+        for (from_type, to_type), ids in from_ids.items():
+            links = self.client.read_associations(from_type, to_type, sorted(ids))
+            for from_id, associations in links.items():
+                for association in associations:
+                    ends = (from_type, from_id, to_type)
+                    pair = Pair(from_type, from_id, to_type, association.to_id)
+                    existing[pair] = {_plain(t) for t in association.types}
+                    self._has_any.add(ends)
+                    if any(t.label == PRIMARY for t in association.types):
+                        self._has_primary.add(ends)
+        return existing
+
+    def _decide(self, wanted, existing):
+        writes: dict[Pair, tuple[set, set]] = {}
+        present: set[Pair] = set()
+        for pair, entry in wanted.items():
+            types = set(entry.types)
+            ends = (pair.from_type, pair.from_id, pair.to_type)
+            asks = self._primary_asks.get(ends, {})
+            if pair in asks and ends not in self._has_primary:
+                strict = asks[pair]
+                others = any(
+                    p.to_id != pair.to_id for p in existing if _ends(p) == ends
+                )
+                if not (strict and others):
+                    rule = next(
+                        r
+                        for r in self.rules.rules
+                        if r.name in entry.rules and r.primary_when_single
+                    )
+                    types.add(self._type(rule, PRIMARY))
+            have = existing.get(pair, set())
+            missing = {t for t in types if _plain(t) not in have}
+            if not missing:
+                present.add(pair)
+                continue
+            writes[pair] = (have, missing)
+        return writes, present
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write(self, writes, result) -> tuple[set[Pair], dict[Pair, HubSpotError]]:
+        done: set[Pair] = set()
+        failed: dict[Pair, HubSpotError] = {}
+        if not writes:
+            return done, failed
+
+        claimed = self._claim(writes)
+        taken = set(writes) - set(claimed)
+        # Another plan holds these: it writes them, so they count as present here.
+        done_elsewhere = taken
+        if self.dry_run:
+            self._release(claimed)
+            self._dry = set(claimed) | taken
+            return done, failed
+
+        batches: dict[tuple[str, str, str], list[tuple[Pair, AssociationInput]]] = (
+            defaultdict(list)
+        )
+        for pair, (have, missing) in claimed.items():
+            labeled = have or any(t.label for t in missing) or len(missing) > 1
+            if labeled:
+                types = tuple(sorted(have | {_plain(t) for t in missing}))
+                kind = "create"
+            else:
+                types = ()
+                kind = "default"
+            batches[(pair.from_type, pair.to_type, kind)].append(
+                (pair, AssociationInput(pair.from_id, pair.to_id, types))
+            )
+
+        for (from_type, to_type, kind), items in batches.items():
+            inputs = [item for _, item in items]
+            by_input = {(i.from_id, i.to_id): p for p, i in items}
+            try:
+                if kind == "create":
+                    outcome = self.client.create_associations(
+                        from_type, to_type, inputs
+                    )
+                else:
+                    outcome = self.client.associate_default(
+                        from_type, to_type, [(i.from_id, i.to_id) for i in inputs]
+                    )
+            except HubSpotError as exc:
+                for pair, _ in items:
+                    failed[pair] = exc
+                continue
+            for item in outcome.done:
+                done.add(by_input[(item.from_id, item.to_id)])
+            for item, error in outcome.failed:
+                failed[by_input[(item.from_id, item.to_id)]] = error
+
+        if failed:
+            self._release({p: claimed[p] for p in failed})
+        result.created += len(done)
+        self._written = {p: claimed[p] for p in done}
+        return done | done_elsewhere, failed
+
+    def _claim(self, writes) -> dict:
+        pipe = self.redis.pipeline()
+        keys = [self._claim_key(pair, missing) for pair, (_, missing) in writes.items()]
+        for key in keys:
+            pipe.set(key, "1", nx=True, ex=self.claim_seconds)
+        won = pipe.execute()
+        return {
+            pair: value
+            for (pair, value), ok in zip(writes.items(), won, strict=True)
+            if ok
+        }
+
+    def _release(self, claimed) -> None:
+        if claimed:
+            self.redis.delete(
+                *[self._claim_key(p, missing) for p, (_, missing) in claimed.items()]
+            )
+
+    def _claim_key(self, pair: Pair, missing) -> str:
+        labels = sorted(t.type_id for t in missing if t.label)
+        return pair.claim_key(
+            self.portal_id, ":" + ",".join(map(str, labels)) if labels else ""
+        )
+
+    # -- outcomes ----------------------------------------------------------------
+
+    def _outcomes(
+        self,
+        events,
+        *,
+        skip,
+        found,
+        rules_of,
+        free_mail,
+        no_candidate_match,
+        wanted,
+        done,
+        present,
+        failed,
+        recheck,
+        result,
+    ):
+        written = self._written
+        dry = self._dry
+        for event in events:
+            key = event.dedup_key
+            if key in result.outcomes:
+                continue
+            if key in skip:
+                result.outcomes[key] = {"outcome": "skipped", "reason": skip[key]}
+                continue
+            pairs = sorted(set(found.get(key, [])), key=str)
+            errors = [failed[p] for p in pairs if p in failed]
+            if errors:
+                permanent = [e for e in errors if isinstance(e, PermanentError)]
+                if permanent:
+                    error = permanent[0]
+                    result.dead.append((event, "hubspot_refused", _describe(error)))
+                else:
+                    result.retry.append((event, errors[0]))
+                continue
+            if not pairs:
+                if key in no_candidate_match and not recheck:
+                    result.recheck.append(event)
+                    continue
+                reason = "free_mail_domain" if key in free_mail else "no_candidate"
+                result.outcomes[key] = {"outcome": "skipped", "reason": reason}
+                continue
+            if dry & set(pairs):
+                result.outcomes[key] = {
+                    "outcome": "skipped",
+                    "reason": "dry_run",
+                    "rules": sorted(rules_of[key]),
+                    "planned": [str(p) for p in pairs if p in dry],
+                }
+                continue
+            created = [p for p in pairs if p in written]
+            result.outcomes[key] = {
+                "outcome": "applied",
+                "rules": sorted(rules_of[key]),
+                "created": len(created),
+                "present": len(pairs) - len(created),
+                "written": [_written_text(p, written[p]) for p in created],
+            }
+
+
+def _ref(subject: Subject) -> tuple[str, int]:
+    return (subject.object_type, subject.object_id)
+
+
+def _passes(rule: Rule, reverse: bool, record: dict | None) -> bool:
+    if reverse or not rule.when:
+        return True
+    if record is None:
+        return False
+    for prop, allowed in rule.when.items():
+        value = record.get(prop)
+        if value is None or str(value).strip().lower() not in {
+            a.lower() for a in allowed
+        }:
+            return False
+    return True
+
+
+def _normalise_other(rule: Rule, value) -> str | None:
+    """The other side's value, made comparable with the new record's."""
+    if value is None:
+        return None
+    if rule.transform in EMAIL_LIKE:
+        return url_host(str(value))
+    return rule.normalise(value)
+
+
+def _plain(t: AssociationType) -> tuple[str, int]:
+    """Types compare by category and id; a label is only a name."""
+    return (t.category, t.type_id)
+
+
+def _ends(pair: Pair) -> tuple[str, int, str]:
+    return (pair.from_type, pair.from_id, pair.to_type)
+
+
+def _describe(error: HubSpotError) -> str:
+    parts = [f"status={error.status}"]
+    if error.category:
+        parts.append(f"category={error.category}")
+    if error.message:
+        parts.append(f"message={error.message}")
+    return " ".join(parts)
+
+
+def _written_text(pair: Pair, claim) -> str:
+    _, missing = claim
+    ids = ",".join(str(t.type_id) for t in sorted(missing, key=lambda t: t.type_id))
+    return f"{pair} type={ids}"
