@@ -11,6 +11,7 @@ import requests
 from webhook.signature import sign_v1, sign_v3
 from workers.local_service import LocalService, RunError, local_client_secret
 from workers.logs import configure_logging
+from workers.rules import FREE_MAIL_DOMAINS, RulesError, load_rules
 from workers.settings import ConfigError, Settings, markdown_table
 
 TEST_PORTAL_ID = 62515
@@ -45,6 +46,14 @@ def main(argv=None) -> int:
     )
     send.set_defaults(handler=cmd_send_test_event)
 
+    rules = commands.add_parser("rules", help="work with rules files")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_commands.add_parser(
+        "check", help="validate a rules file and print what each rule will do"
+    )
+    check.add_argument("file", nargs="?", help="rules file (default: built-in rules)")
+    check.set_defaults(handler=cmd_rules_check)
+
     table = commands.add_parser(
         "settings", help="print every setting as the README's Markdown table"
     )
@@ -57,6 +66,22 @@ def main(argv=None) -> int:
     except (ConfigError, RunError) as exc:
         print(f"associator: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_rules_check(args, settings: Settings) -> int:
+    try:
+        rule_set = load_rules(args.file)
+    except RulesError as exc:
+        print(f"associator: {exc}", file=sys.stderr)
+        return 1
+    source = args.file or "built-in defaults"
+    print(f"{source}: {len(rule_set.rules)} rule(s)")
+    for rule in rule_set.rules:
+        print(f"- {rule.name} ({rule.kind}): {rule.describe()}")
+    extra = sorted(rule_set.free_mail_domains - FREE_MAIL_DOMAINS)
+    if extra:
+        print(f"free-mail domains added: {', '.join(extra)}")
+    return 0
 
 
 def cmd_settings(args, settings: Settings) -> int:

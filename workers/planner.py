@@ -398,7 +398,7 @@ class Planner:
             rule = rules_by_name[rule_key.removesuffix("/reverse")]
             label = (
                 None
-                if rule.association == UNLABELED
+                if rule.association in (UNLABELED, PRIMARY)
                 else self._type(rule, rule.association)
             )
             for pair in pairs:
@@ -408,7 +408,7 @@ class Planner:
                     entry.types.add(label)
                 entry.rules.add(rule.name)
                 entry.events.add(event_key)
-            if not rule.primary_when_single:
+            if not _wants_primary(rule):
                 continue
             reverse = rule_key.endswith("/reverse")
             if reverse or len(pairs) == 1:
@@ -466,7 +466,7 @@ class Planner:
                     rule = next(
                         r
                         for r in self.rules.rules
-                        if r.name in entry.rules and r.primary_when_single
+                        if r.name in entry.rules and _wants_primary(r)
                     )
                     types.add(self._type(rule, PRIMARY))
             have = existing.get(pair, set())
@@ -620,6 +620,12 @@ class Planner:
                 "present": len(pairs) - len(created),
                 "written": [_written_text(p, written[p]) for p in created],
             }
+
+
+def _wants_primary(rule: Rule) -> bool:
+    # Primary is never written blindly: a record has one, and writing another
+    # would move it. A rule asking for Primary gets it under the same guard.
+    return rule.primary_when_single or rule.association == PRIMARY
 
 
 def _ref(subject: Subject) -> tuple[str, int]:
