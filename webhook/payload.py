@@ -17,7 +17,7 @@ from workers.events import (
     Event,
 )
 
-OBJECT_TYPE_ID = re.compile(r"^\d+-\d+$")
+OBJECT_TYPE_ID = re.compile(r"\A[0-9]+-[0-9]+\Z")
 GENERIC_PREFIX = "object"
 
 
@@ -63,7 +63,9 @@ def parse_delivery(body: bytes) -> Delivery:
         try:
             event = parse_event(raw)
         except _Unusable as exc:
-            delivery.invalid.append(InvalidEvent("invalid_event", str(exc), raw))
+            delivery.invalid.append(
+                InvalidEvent("invalid_event", str(exc), _storable(raw))
+            )
             continue
         if event is None:
             delivery.ignored += 1
@@ -82,6 +84,9 @@ def parse_event(raw: dict) -> Event | None:
     if not isinstance(subscription_type, str) or "." not in subscription_type:
         return None
     prefix, _, action = subscription_type.partition(".")
+    if prefix != GENERIC_PREFIX and prefix not in OBJECT_TYPE_IDS:
+        # conversation.creation and other products' events: not CRM records.
+        return None
     if action == "creation":
         kind = CREATION
     elif action == "associationChange":
@@ -96,7 +101,7 @@ def parse_event(raw: dict) -> Event | None:
     association = _association(raw, prefix) if kind == ASSOCIATION_CHANGE else None
     object_type_id = _object_type_id(raw, prefix, association)
     if object_type_id is None:
-        raise _Unusable(f"no usable object type for {subscription_type}")
+        raise _Unusable(f"no usable object type for {subscription_type!r}")
 
     object_id = _id(raw.get("objectId"))
     if object_id is None and association is not None:
@@ -153,6 +158,15 @@ def _association(raw: dict, prefix: str) -> AssociationChange:
         removed=raw.get("associationRemoved") is True,
         primary=raw.get("isPrimaryAssociation") is True,
     )
+
+
+def _storable(raw: dict) -> dict:
+    """The raw event, or a stand-in when it is too deeply nested to store."""
+    try:
+        json.dumps(raw)
+    except (RecursionError, ValueError):
+        return {"unstorable": "nested too deeply to store", "keys": sorted(raw)[:20]}
+    return raw
 
 
 def _id(value) -> int | None:

@@ -57,17 +57,24 @@ class Event:
 
     @property
     def dedup_key(self) -> str:
-        """Identity of one event; ``eventId`` alone is not unique at HubSpot."""
-        return ":".join(
-            str(part if part is not None else "")
-            for part in (
-                self.portal_id,
-                self.object_type_id,
-                self.object_id,
-                self.event_id,
-                self.occurred_at,
-            )
-        )
+        """Identity of one event; ``eventId`` alone is not unique at HubSpot.
+
+        An association change also names its other end, so two changes of one
+        record in the same instant stay two events.
+        """
+        parts = [
+            self.portal_id,
+            self.object_type_id,
+            self.object_id,
+            self.event_id,
+            self.occurred_at,
+        ]
+        if self.association is not None:
+            parts += [
+                self.association.to_object_type_id,
+                self.association.to_object_id,
+            ]
+        return ":".join(str(part if part is not None else "") for part in parts)
 
     @property
     def object_ref(self) -> str:

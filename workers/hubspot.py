@@ -476,19 +476,19 @@ class HubSpotClient:
             if (pair := _written_pair(result))
         }
         refusals = [(_entry_error(e, self._redact), _error_ids(e)) for e in errors]
-        unexplained = PermanentError(
-            "HubSpot neither confirmed nor refused this association.",
-            status=status,
-        )
 
         for item in chunk:
             if (item.from_id, item.to_id) in confirmed:
                 write.done.append(item)
                 continue
             refusal = next(
-                (error for error, ids in refusals if _names_input(ids, item)),
-                unexplained,
+                (error for error, ids in refusals if _names_input(ids, item)), None
             )
+            if refusal is None:
+                refusal = PermanentError(
+                    "HubSpot neither confirmed nor refused this association.",
+                    status=status,
+                )
             write.failed.append((item, refusal))
 
     def _pages(self, kind: str, path: str, body: dict) -> Iterator[dict]:
@@ -521,7 +521,6 @@ class HubSpotClient:
         path: str,
         *,
         body: dict | None = None,
-        params: Mapping[str, str] | None = None,
     ) -> tuple[int, dict]:
         """Send one request; answer (status, JSON object) or raise the tree's error."""
         if self.before_request is not None:
@@ -534,7 +533,6 @@ class HubSpotClient:
                 method,
                 self.base_url + path,
                 json=body,
-                params=params,
                 headers=self._headers,
                 timeout=self.timeout,
             )

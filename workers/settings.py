@@ -275,7 +275,8 @@ class Settings:
             raise ConfigError(
                 f"The {role} process cannot start: {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not set. "
-                "In production set them in the platform's config; for a local "
+                f"In production set {'it' if len(missing) == 1 else 'them'} in the "
+                "platform's config; for a local "
                 "service with an embedded Redis use `associator run`."
             )
 
