@@ -276,6 +276,8 @@ class HubSpotClient:
                 path,
                 body={
                     "properties": list(properties),
+                    # Required by the published schema; no history is wanted.
+                    "propertiesWithHistory": [],
                     "inputs": [{"id": str(record_id)} for record_id in chunk],
                 },
             )
