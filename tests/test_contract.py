@@ -69,6 +69,7 @@ CLIENT_CALLS = {
     "associate_default": "associations_default",
     "label_definitions": "labels",
     "account_details": "account",
+    "daily_limit_resets_at": "api_usage",
 }
 
 
@@ -174,6 +175,7 @@ def run_scenario(client: HubSpotClient, hubspot: FakeHubSpot) -> None:
     labels = client.label_definitions("0-1", "0-2")
     assert {label.type_id for label in labels} == {1, 279}
     assert client.account_details()["portalId"] == hubspot.portal_id
+    assert client.daily_limit_resets_at() is not None
 
 
 @pytest.mark.parametrize("api_version", ["v4", "2026-03"])

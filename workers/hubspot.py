@@ -157,6 +157,7 @@ _PATH_FAMILIES = {
         # names /crm/v4/associations/{from}/{to}/labels for the same call.
         "labels": "/crm/associations/v4/{from_type}/{to_type}/labels",
         "account": "/account-info/v3/details",
+        "usage": "/account-info/v3/api-usage/daily/private-apps",
     },
     "2026-03": {
         "objects": "/crm/objects/2026-03/{object_type}",
@@ -166,6 +167,7 @@ _PATH_FAMILIES = {
         ),
         "labels": "/crm/associations/2026-03/{from_type}/{to_type}/labels",
         "account": "/account-info/2026-03/details",
+        "usage": "/account-info/2026-03/api-usage/daily/private-apps",
     },
 }
 
@@ -210,6 +212,9 @@ class ApiPaths:
     def account_details(self) -> str:
         return self._path("account")
 
+    def daily_usage(self) -> str:
+        return self._path("usage")
+
 
 class HubSpotClient:
     """Calls HubSpot with one access token over one reused connection pool.
@@ -219,8 +224,11 @@ class HubSpotClient:
     answer that carried any (search answers carry none), as ints keyed ``max``,
     ``remaining``, ``interval_milliseconds``, ``daily`` and ``daily_remaining``.
     ``before_request``, when set, is called with the kind of each call
-    (``objects``, ``search``, ``associations``, ``labels``, ``account``) just
-    before it is sent; a rate limiter waits or raises there.
+    (``objects``, ``search``, ``associations``, ``labels``, ``account``,
+    ``usage``) just before it is sent; a rate limiter waits or raises there.
+    ``after_answer``, when set, is called with the kind, the status, that
+    answer's rate-limit headers (as in ``last_rate_limit``, or None) and the
+    error about to be raised (or None) for every answer HubSpot gave.
     """
 
     def __init__(
@@ -238,6 +246,10 @@ class HubSpotClient:
         self.api_calls = 0
         self.last_rate_limit: dict[str, int] | None = None
         self.before_request: Callable[[str], None] | None = None
+        self.after_answer: (
+            Callable[[str, int, dict[str, int] | None, HubSpotError | None], None]
+            | None
+        ) = None
 
         self._token = token
         self._owns_session = session is None
@@ -458,6 +470,18 @@ class HubSpotClient:
         """The account's details as HubSpot sends them; ``portalId`` among them."""
         return self._call("account", "GET", self.paths.account_details())
 
+    def daily_limit_resets_at(self) -> datetime | None:
+        """When the private app's daily budget resets, from its usage report."""
+        answer = self._call("usage", "GET", self.paths.daily_usage())
+        for result in answer.get("results") or []:
+            if not isinstance(result, dict) or not result.get("resetsAt"):
+                continue
+            try:
+                return datetime.fromisoformat(str(result["resetsAt"]))
+            except ValueError:
+                continue
+        return None
+
     # HTTP
 
     def _split_write(
@@ -559,9 +583,14 @@ class HubSpotClient:
             ) from exc
 
         self._log(method, path, response.status_code, started)
-        self._remember_rate_limit(response.headers)
+        limits = self._remember_rate_limit(response.headers)
+        error = None
         if not 200 <= response.status_code < 300:
-            raise self._status_error(method, path, response)
+            error = self._status_error(method, path, response)
+        if self.after_answer is not None:
+            self.after_answer(kind, response.status_code, limits, error)
+        if error is not None:
+            raise error
 
         return response.status_code, self._json_object(method, path, response)
 
@@ -620,15 +649,17 @@ class HubSpotClient:
             return TransientError(message, retry_after=retry_after, **fields)
         return PermanentError(message, **fields)
 
-    def _remember_rate_limit(self, headers: Mapping[str, str]) -> None:
+    def _remember_rate_limit(self, headers: Mapping[str, str]) -> dict | None:
         limits = {}
         for key, header in RATE_LIMIT_HEADERS.items():
             try:
                 limits[key] = int(headers[header])
             except (KeyError, ValueError):
                 continue
-        if limits:
-            self.last_rate_limit = limits
+        if not limits:
+            return None
+        self.last_rate_limit = limits
+        return limits
 
     def _log(self, method, path, status, started, **fields) -> None:
         ms = round((time.monotonic() - started) * 1000)

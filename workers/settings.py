@@ -220,6 +220,43 @@ class Settings:
         3600.0,
         "Longest single retry delay.",
     )
+    rate_limit_per_10s: int = _var(
+        "ASSOCIATOR_RATE_LIMIT_PER_10S",
+        100,
+        "HubSpot calls per portal per ten seconds assumed before HubSpot's first "
+        "answer; from then on its `X-HubSpot-RateLimit-*` headers say.",
+    )
+    search_limit_per_second: int = _var(
+        "ASSOCIATOR_SEARCH_LIMIT_PER_SECOND",
+        5,
+        "HubSpot's search calls per portal per second (search has a limit of its "
+        "own and sends no rate-limit headers).",
+    )
+    rate_limit_share: float = _var(
+        "ASSOCIATOR_RATE_LIMIT_SHARE",
+        0.9,
+        "Share of each HubSpot budget (ten-second, search, daily) the service "
+        "spends; the rest is left to the portal's other integrations.",
+    )
+    rate_limit_max_wait_seconds: float = _var(
+        "ASSOCIATOR_RATE_LIMIT_MAX_WAIT_SECONDS",
+        1.0,
+        "Longest a worker waits for room in a budget before it defers the work "
+        "through the delay set. Added to the HTTP timeout, times "
+        "`ASSOCIATOR_MAX_CALLS_PER_TASK`, it must stay below the task time limit.",
+    )
+    daily_defer_seconds: float = _var(
+        "ASSOCIATOR_DAILY_DEFER_SECONDS",
+        3600.0,
+        "How long a portal's work waits after a DAILY 429 when HubSpot's usage "
+        "report gives no reset time; then one call probes whether it cleared.",
+    )
+    max_deliveries: int = _var(
+        "ASSOCIATOR_MAX_DELIVERIES",
+        3,
+        "Times one task message may be handed to a worker; a message whose "
+        "worker died that often is dead-lettered as `worker_lost`.",
+    )
 
     def __post_init__(self):
         if self.log_format is None:
@@ -235,14 +272,17 @@ class Settings:
                 "ASSOCIATOR_REDIS_TIMEOUT_SECONDS must be above 0 and at most 1."
             )
         if (
-            self.http_timeout_seconds * self.max_calls_per_task
-            >= self.task_time_limit_seconds
-        ):
+            self.http_timeout_seconds + self.rate_limit_max_wait_seconds
+        ) * self.max_calls_per_task >= self.task_time_limit_seconds:
             raise ConfigError(
-                "ASSOCIATOR_HTTP_TIMEOUT_SECONDS times ASSOCIATOR_MAX_CALLS_PER_TASK "
-                "must stay below ASSOCIATOR_TASK_TIME_LIMIT, or a task could be "
-                "killed in the middle of its calls."
+                "ASSOCIATOR_HTTP_TIMEOUT_SECONDS plus "
+                "ASSOCIATOR_RATE_LIMIT_MAX_WAIT_SECONDS, times "
+                "ASSOCIATOR_MAX_CALLS_PER_TASK, must stay below "
+                "ASSOCIATOR_TASK_TIME_LIMIT, or a task could be killed in the "
+                "middle of its calls."
             )
+        if not 0 < self.rate_limit_share <= 1:
+            raise ConfigError("ASSOCIATOR_RATE_LIMIT_SHARE must be above 0, at most 1.")
         if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
             raise ConfigError(
                 "ASSOCIATOR_TASK_TIME_LIMIT must be below "

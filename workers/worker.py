@@ -8,6 +8,8 @@ message, when the worker could not do its job (no ``REDIS_URL``, or no
 import sys
 
 from celery import signals
+from celery.exceptions import Reject
+from redis.exceptions import RedisError
 
 from workers import connections
 from workers.credentials import PrivateAppCredentials
@@ -17,9 +19,10 @@ from workers.hubspot import HubSpotError
 from workers.labels import LabelResolver
 from workers.logs import Redactor, configure_logging, get_logger
 from workers.outcomes import OutcomeStore
+from workers.ratelimit import RateLimiter
 from workers.rules import RulesError, load_rules
 from workers.settings import ConfigError, Settings
-from workers.tasks import WorkerContext, handle_events
+from workers.tasks import WorkerContext, run_task
 
 log = get_logger(__name__)
 
@@ -66,6 +69,14 @@ def context() -> WorkerContext:
             labels=LabelResolver(redis, refresh_seconds=settings.label_cache_seconds),
             credentials_for=credentials.credentials_for,
             credentials=credentials,
+            limiter=RateLimiter(
+                redis,
+                default_per_10s=settings.rate_limit_per_10s,
+                search_per_second=settings.search_limit_per_second,
+                share=settings.rate_limit_share,
+                max_wait_seconds=settings.rate_limit_max_wait_seconds,
+                daily_defer_seconds=settings.daily_defer_seconds,
+            ),
         )
     return _context
 
@@ -123,4 +134,10 @@ def _stop(**_):
 def process_events(
     self, events: list[dict], delivery_id: str | None = None, meta: dict | None = None
 ):
-    handle_events(events, context=context(), task_id=self.request.id, meta=meta)
+    try:
+        run_task(events, context=context(), task_id=self.request.id, meta=meta)
+    except RedisError as exc:
+        # Back on the queue (or, with Redis gone, left unacknowledged for the
+        # broker to restore): the work is not lost.
+        log.warning("task_requeued", task=self.request.id, reason=type(exc).__name__)
+        raise Reject(str(exc), requeue=True) from exc
