@@ -13,19 +13,26 @@ import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
 
 from workers.credentials import UnknownPortal
 from workers.dead_letters import DeadLetterStore
 from workers.delays import DelaySet
 from workers.events import Event
-from workers.hubspot import HubSpotError, PermanentError, TransientError
+from workers.hubspot import HubSpotError, PermanentError, RateLimited, TransientError
 from workers.labels import LabelResolver
 from workers.logs import get_logger
 from workers.outcomes import DEAD_LETTERED, SKIPPED, OutcomeStore
 from workers.planner import Planner
+from workers.ratelimit import DAILY, Deferred, RateLimiter
 from workers.rules import RulesError, RuleSet
 
 log = get_logger(__name__)
+
+# A deferral waits at least this long, so that no work spins on a limit.
+MIN_DEFER_SECONDS = 0.1
 
 
 @dataclass
@@ -40,6 +47,15 @@ class WorkerContext:
     # credentials_for(portal_id) -> HubSpotClient | None; raises UnknownPortal.
     credentials_for: object
     credentials: object = None
+    limiter: RateLimiter | None = None
+
+
+DELIVERIES_PREFIX = "associator:deliveries:"
+DELIVERIES_TTL_SECONDS = 24 * 3600
+
+
+class CallBudgetSpent(TransientError):
+    """A task made its most calls; the rest of its work goes to another task."""
 
 
 def handle_events(
@@ -55,9 +71,15 @@ def handle_events(
         attempt=meta.get("attempt", 0),
     )
 
-    # An event decided by an earlier delivery of the same work is not redone.
+    # An event decided by an earlier delivery of the same work is not redone; a
+    # replayed dead letter redoes its events that are still dead-lettered.
     decided = context.outcomes.get_many([e.dedup_key for e in events])
-    events = [e for e, outcome in zip(events, decided, strict=True) if not outcome]
+    redo = DEAD_LETTERED if meta.get("replay") else None
+    events = [
+        e
+        for e, outcome in zip(events, decided, strict=True)
+        if not outcome or outcome.get("outcome") == redo
+    ]
     events = _settle(events, context, meta)
 
     by_portal: dict[int, list[Event]] = defaultdict(list)
@@ -106,7 +128,10 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         dry_run=context.settings.dry_run,
     )
     calls_before = client.api_calls
-    client.before_request = _call_budget(client, context.settings.max_calls_per_task)
+    client.before_request = _before_request(
+        client, portal_id, context.limiter, context.settings.max_calls_per_task
+    )
+    client.after_answer = _after_answer(client, portal_id, context.limiter)
     try:
         result = planner.run(events, recheck=bool(meta.get("recheck")))
     except TransientError as exc:
@@ -156,15 +181,51 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
     )
 
 
-def _call_budget(client, most: int):
-    """Stop a task before its calls could outlast the task time limit."""
+def _before_request(client, portal_id: int, limiter: RateLimiter | None, most: int):
+    """Stop a task before its calls could outlast the task time limit, and take
+    each call's slot in the portal's shared budget."""
     limit = client.api_calls + most
 
     def check(kind: str) -> None:
         if client.api_calls >= limit:
-            raise TransientError(f"call budget of {most} per task used up")
+            raise CallBudgetSpent(f"call budget of {most} per task used up")
+        if limiter is not None:
+            limiter.acquire(portal_id, kind)
 
     return check
+
+
+def _after_answer(client, portal_id: int, limiter: RateLimiter | None):
+    """Teach the limiter every answer's headers, and tighten it on a 429."""
+
+    def learn(kind, status, limits, error) -> None:
+        if limiter is None:
+            return
+        limiter.observe(portal_id, kind, status, limits)
+        if not isinstance(error, RateLimited):
+            return
+        seconds = None
+        if error.policy == DAILY:
+            seconds = _until_daily_reset(client)
+        error.retry_after = limiter.rate_limited(
+            portal_id, kind, error, seconds=seconds
+        )
+
+    return learn
+
+
+def _until_daily_reset(client) -> float | None:
+    """Seconds until the daily budget resets, from HubSpot's usage report."""
+    try:
+        resets_at = client.daily_limit_resets_at()
+    except HubSpotError as exc:
+        log.warning("daily_reset_unknown", reason=type(exc).__name__)
+        return None
+    if resets_at is None:
+        return None
+    if resets_at.tzinfo is None:
+        resets_at = resets_at.replace(tzinfo=UTC)
+    return max((resets_at - datetime.now(UTC)).total_seconds(), 1.0)
 
 
 def retry_delay(attempt: int, settings, retry_after: float | None) -> float:
@@ -175,6 +236,19 @@ def retry_delay(attempt: int, settings, retry_after: float | None) -> float:
 
 
 def _retry(context: WorkerContext, events, error: HubSpotError, meta):
+    if isinstance(error, RateLimited | Deferred):
+        _defer(context, events, error, meta)
+        return
+    if isinstance(error, CallBudgetSpent) and len(events) > 1:
+        # Smaller halves fit in a task's calls; a single event that does not is
+        # charged an attempt below, so it cannot go round for ever.
+        half = len(events) // 2
+        for part in (events[:half], events[half:]):
+            context.delays.add(
+                [e.to_json() for e in part], due_at=time.time(), reason="split", **meta
+            )
+        log.info("events_split", events=len(events), parts=2)
+        return
     attempt = int(meta.get("attempt", 0)) + 1
     if attempt >= context.settings.max_attempts:
         for event in events:
@@ -202,6 +276,87 @@ def _retry(context: WorkerContext, events, error: HubSpotError, meta):
         error=type(error).__name__,
         status=getattr(error, "status", None),
     )
+
+
+def _defer(context: WorkerContext, events, error: HubSpotError, meta):
+    """Wait for the rate limit; a deferral is counted but costs no attempt."""
+    seconds = max(error.retry_after or 0.0, MIN_DEFER_SECONDS)
+    deferrals = int(meta.get("deferrals", 0)) + 1
+    context.delays.add(
+        [e.to_json() for e in events],
+        due_at=time.time() + seconds,
+        reason="rate_limit",
+        **{**meta, "deferrals": deferrals},
+    )
+    log.warning(
+        "events_deferred",
+        events=len(events),
+        seconds=round(seconds, 2),
+        deferrals=deferrals,
+        budget=getattr(error, "budget", None),
+        policy=getattr(error, "policy", None),
+        status=error.status,
+    )
+
+
+def count_delivery(context: WorkerContext, task_id: str) -> int:
+    """How many times this task message has been handed to a worker, this one
+    included. A message that kills its worker comes back: this counts it."""
+    key = DELIVERIES_PREFIX + task_id
+    pipe = context.redis.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, DELIVERIES_TTL_SECONDS)
+    deliveries, _ = pipe.execute()
+    return int(deliveries)
+
+
+def run_task(raw_events: list[dict], *, context: WorkerContext, task_id: str, meta):
+    """One delivery of a task message: counted, handled, and never lost.
+
+    A message handed out more than ``max_deliveries`` times (each time its
+    worker died) is dead-lettered as ``worker_lost``. A bug anywhere in the
+    handling dead-letters the events with the traceback.
+    """
+    meta = dict(meta or {})
+    deliveries = count_delivery(context, task_id)
+    if deliveries > context.settings.max_deliveries:
+        details = (
+            f"handed to a worker {deliveries - 1} times; each time the worker "
+            "was lost before finishing it"
+        )
+        _dead_letter_queued(context, raw_events, "worker_lost", details, task_id, meta)
+        context.redis.delete(DELIVERIES_PREFIX + task_id)
+        return
+
+    try:
+        handle_events(raw_events, context=context, task_id=task_id, meta=meta)
+    except RedisError:
+        # Nothing can be recorded without Redis: the message must come back.
+        raise
+    except Exception:
+        log.exception("task_failed", task=task_id)
+        _dead_letter_queued(
+            context,
+            raw_events,
+            "unexpected_error",
+            traceback.format_exc(),
+            task_id,
+            meta,
+        )
+    context.redis.delete(DELIVERIES_PREFIX + task_id)
+
+
+def _dead_letter_queued(context, raw_events, reason, details, task_id, meta):
+    """Dead-letter the queued events that have no outcome yet."""
+    for raw in raw_events:
+        try:
+            event = Event.from_json(raw)
+        except (TypeError, ValueError):
+            # Not even an event: keep what was queued, as it was.
+            context.dead_letters.add(reason, [raw], details=details)
+            continue
+        if context.outcomes.get(event.dedup_key) is None:
+            _dead_letter(context, event, reason, details, task_id, meta)
 
 
 def _dead_letter(context: WorkerContext, event, reason, details, task_id, meta):

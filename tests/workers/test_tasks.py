@@ -1,0 +1,226 @@
+"""What a task does with failures: retries, deferrals, splits and dead letters.
+
+Tasks run here as plain calls of :func:`workers.tasks.run_task` against a real
+Redis and the HubSpot fake; the Celery worker process is tested end to end
+elsewhere.
+"""
+
+import json
+import time
+
+import pytest
+
+from tests.hubspot_fake import FakeHubSpot
+from workers.dead_letters import DeadLetterStore
+from workers.delays import DELAY_KEY, DelaySet
+from workers.events import Event
+from workers.hubspot import HubSpotClient, RateLimited, TransientError
+from workers.labels import LabelResolver
+from workers.outcomes import OutcomeStore
+from workers.ratelimit import RateLimiter
+from workers.rules import load_rules
+from workers.settings import Settings
+from workers.tasks import CallBudgetSpent, WorkerContext, _retry, run_task
+
+PORTAL = 62515
+
+
+@pytest.fixture(scope="module")
+def hubspot():
+    with FakeHubSpot(portal_id=PORTAL) as fake:
+        yield fake
+
+
+@pytest.fixture
+def context(redis_client, redis_url, hubspot):
+    hubspot.fail_next.clear()
+    hubspot.reset_counters()
+    settings = Settings.from_env(
+        {},
+        REDIS_URL=redis_url,
+        ASSOCIATOR_SETTLE_SECONDS="0",
+        ASSOCIATOR_MAX_ATTEMPTS="3",
+        ASSOCIATOR_RETRY_BASE_SECONDS="0.01",
+        ASSOCIATOR_RETRY_MAX_SECONDS="0.05",
+    )
+    client = HubSpotClient(
+        token=hubspot.token, base_url=hubspot.url, api_version="2026-03", timeout=5
+    )
+    yield WorkerContext(
+        settings=settings,
+        redis=redis_client,
+        outcomes=OutcomeStore(redis_client),
+        dead_letters=DeadLetterStore(redis_client),
+        delays=DelaySet(redis_client),
+        rules=load_rules(None),
+        labels=LabelResolver(redis_client, refresh_seconds=60),
+        credentials_for=lambda portal_id: client,
+        limiter=RateLimiter(
+            redis_client,
+            default_per_10s=100,
+            search_per_second=5,
+            share=0.9,
+            max_wait_seconds=0.0,
+            daily_defer_seconds=3600.0,
+        ),
+    )
+    client.close()
+
+
+def contact_event(object_id: int, occurred_at: int = 1_700_000_000_000) -> Event:
+    return Event(
+        portal_id=PORTAL,
+        object_type_id="0-1",
+        object_id=object_id,
+        occurred_at=occurred_at + object_id,
+        event_id=object_id,
+        subscription_type="contact.creation",
+        kind="creation",
+    )
+
+
+def delayed(redis_client) -> list[tuple[dict, float]]:
+    return [
+        (json.loads(member), score)
+        for member, score in redis_client.zrange(DELAY_KEY, 0, -1, withscores=True)
+    ]
+
+
+def test_a_transient_failure_is_retried_later_and_costs_an_attempt(
+    context, redis_client
+):
+    events = [contact_event(1)]
+
+    _retry(context, events, TransientError("502", status=502), {"attempt": 0})
+
+    [(entry, due)] = delayed(redis_client)
+    assert entry["reason"] == "retry"
+    assert entry["meta"]["attempt"] == 1
+    assert due <= time.time() + context.settings.retry_max_seconds
+
+
+def test_the_last_attempt_dead_letters_the_event(context):
+    event = contact_event(2)
+
+    _retry(context, [event], TransientError("503", status=503), {"attempt": 2})
+
+    outcome = context.outcomes.get(event.dedup_key)
+    assert outcome["outcome"] == "dead_lettered"
+    assert outcome["reason"] == "retries_exhausted"
+    [entry] = context.dead_letters.list()
+    assert entry.attempts == 3
+    assert "503" in entry.details
+
+
+def test_a_429_defers_without_costing_an_attempt(context, redis_client):
+    error = RateLimited("slow down", status=429, retry_after=5.0)
+
+    _retry(context, [contact_event(3)], error, {"attempt": 2})
+
+    [(entry, due)] = delayed(redis_client)
+    assert entry["reason"] == "rate_limit"
+    assert entry["meta"]["attempt"] == 2
+    assert entry["meta"]["deferrals"] == 1
+    assert due >= time.time() + 4
+
+
+def test_a_task_out_of_calls_hands_its_events_on_in_halves(context, redis_client):
+    events = [contact_event(i) for i in range(10, 15)]
+
+    _retry(context, events, CallBudgetSpent("spent"), {"attempt": 0})
+
+    halves = sorted(len(entry["events"]) for entry, _ in delayed(redis_client))
+    assert halves == [2, 3]
+    assert all(entry["meta"]["attempt"] == 0 for entry, _ in delayed(redis_client))
+
+
+def test_a_single_event_out_of_calls_costs_an_attempt(context, redis_client):
+    _retry(context, [contact_event(20)], CallBudgetSpent("spent"), {"attempt": 0})
+
+    [(entry, _)] = delayed(redis_client)
+    assert entry["reason"] == "retry"
+    assert entry["meta"]["attempt"] == 1
+
+
+def test_a_message_delivered_more_than_three_times_is_dead_lettered(context):
+    event = contact_event(30)
+    # Three deliveries whose worker died before finishing.
+    for _ in range(3):
+        context.redis.incr("associator:deliveries:task-30")
+
+    run_task([event.to_json()], context=context, task_id="task-30", meta={})
+
+    outcome = context.outcomes.get(event.dedup_key)
+    assert outcome["outcome"] == "dead_lettered"
+    assert outcome["reason"] == "worker_lost"
+    assert context.redis.exists("associator:deliveries:task-30") == 0
+
+
+def test_a_finished_task_forgets_its_delivery_count(context, hubspot, redis_client):
+    contact = hubspot.add_record("0-1", {"email": "solo@nowhere.example"})
+    event = contact_event(contact, occurred_at=0)
+
+    run_task([event.to_json()], context=context, task_id="task-done", meta={})
+
+    assert context.redis.exists("associator:deliveries:task-done") == 0
+    # No company has the domain yet: the event waits for its recheck.
+    [(entry, _)] = delayed(redis_client)
+    assert entry["reason"] == "recheck"
+
+
+def test_a_bug_dead_letters_the_events_with_its_traceback(context):
+    def broken(portal_id):
+        raise ZeroDivisionError("a bug")
+
+    context.credentials_for = broken
+    event = contact_event(40, occurred_at=0)
+
+    run_task([event.to_json()], context=context, task_id="task-bug", meta={})
+
+    outcome = context.outcomes.get(event.dedup_key)
+    assert outcome["reason"] == "unexpected_error"
+    [entry] = context.dead_letters.list()
+    assert "ZeroDivisionError" in entry.details
+    assert "Traceback" in entry.details
+
+
+def test_something_that_is_not_an_event_is_kept_as_it_was_queued(context):
+    run_task([{"no": "event"}], context=context, task_id="task-junk", meta={})
+
+    [entry] = context.dead_letters.list()
+    assert entry.reason == "unexpected_error"
+    assert entry.events == [{"no": "event"}]
+
+
+def test_hubspots_429_during_a_plan_defers_and_tightens_the_limiter(
+    context, hubspot, redis_client
+):
+    contact = hubspot.add_record("0-1", {"email": "ada@limited.example"})
+    hubspot.fail_next.append(("objects_read", 429, {}))
+    event = contact_event(contact, occurred_at=0)
+
+    run_task([event.to_json()], context=context, task_id="task-429", meta={})
+
+    assert context.outcomes.get(event.dedup_key) is None
+    [(entry, due)] = delayed(redis_client)
+    assert entry["reason"] == "rate_limit"
+    assert entry["meta"].get("attempt", 0) == 0
+    assert due >= time.time() + 5
+    assert context.limiter.stats()["rate_limited"] == 1
+
+
+def test_a_daily_429_defers_the_portal_until_hubspots_reset(
+    context, hubspot, redis_client
+):
+    contact = hubspot.add_record("0-1", {"email": "ada@daily.example"})
+    hubspot.fail_next.append(("objects_read", 429, {}, {"policyName": "DAILY"}))
+    event = contact_event(contact, occurred_at=0)
+
+    run_task([event.to_json()], context=context, task_id="task-daily", meta={})
+
+    [(entry, due)] = delayed(redis_client)
+    assert entry["reason"] == "rate_limit"
+    # The fake's budget resets at the next midnight UTC.
+    midnight = (time.time() // 86400 + 1) * 86400
+    assert abs(due - midnight) < 5
+    assert hubspot.call_count("api_usage") == 1
