@@ -37,6 +37,10 @@ def celery_app(settings, *, role: str) -> Celery:
     app = Celery("associator", broker=settings.redis_url, set_as_current=False)
     transport_options = {
         "visibility_timeout": settings.visibility_timeout_seconds,
+        # Messages of a lost worker come back once the visibility timeout has
+        # passed, at the next sweep; kombu would sweep only every tenth tick.
+        "unacked_restore_interval": settings.unacked_restore_seconds,
+        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         task_default_queue=QUEUE,

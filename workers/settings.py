@@ -251,6 +251,12 @@ class Settings:
         "How long a portal's work waits after a DAILY 429 when HubSpot's usage "
         "report gives no reset time; then one call probes whether it cleared.",
     )
+    unacked_restore_seconds: int = _var(
+        "ASSOCIATOR_UNACKED_RESTORE_SECONDS",
+        10,
+        "How often each worker looks for task messages whose worker was lost "
+        "(unacknowledged past the visibility timeout) and puts them back.",
+    )
     max_deliveries: int = _var(
         "ASSOCIATOR_MAX_DELIVERIES",
         3,
