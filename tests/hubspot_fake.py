@@ -1124,15 +1124,18 @@ class FakeHubSpot:
         return None
 
     def _count_redundant(self, a, b, writes) -> None:
-        """Count the types sent that a pair had already, or that the call repeats."""
+        """Count the inputs that add nothing: every type they send the pair had
+        already, or the call names the pair twice.
+
+        A labeled write must resend the labels a pair has (it replaces them), so
+        types resent beside a new one are not redundant.
+        """
         seen = set()
         for from_id, to_id, specs in writes:
             existing = self._links.get((a, from_id, b), {}).get(to_id, set())
-            for spec in specs:
-                key = (from_id, to_id, spec)
-                if key in seen or spec in existing:
-                    self.redundant_writes += 1
-                seen.add(key)
+            if (from_id, to_id) in seen or set(specs) <= existing:
+                self.redundant_writes += 1
+            seen.add((from_id, to_id))
 
     def _default_results(self, a, from_id, b, to_id) -> list[dict]:
         """Both directions of a default association, as HubSpot answers them."""
