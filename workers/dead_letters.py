@@ -9,12 +9,16 @@ The same work stored twice (HubSpot redelivering an unusable event) updates one
 entry, because the id is derived from the reason and the events. No entry ever
 holds a secret: every text goes through the redactor, and header-like fields
 (signatures, tokens) are never passed in.
+
+Putting an entry back as work is :mod:`workers.replay`.
 """
 
 import hashlib
 import json
 import time
 from dataclasses import dataclass
+
+from redis.exceptions import WatchError
 
 from workers.logs import Redactor
 
@@ -100,8 +104,12 @@ class DeadLetterStore:
             return None
         return _entry(entry_id, data)
 
+    def ids(self) -> list[str]:
+        """Every indexed entry id, the least recently stored first."""
+        return [_text(i) for i in self.redis.zrange(INDEX_KEY, 0, -1)]
+
     def list(self) -> list[DeadLetter]:
-        ids = [_text(i) for i in self.redis.zrange(INDEX_KEY, 0, -1)]
+        ids = self.ids()
         pipe = self.redis.pipeline()
         for entry_id in ids:
             pipe.hgetall(ENTRY_PREFIX + entry_id)
@@ -111,11 +119,27 @@ class DeadLetterStore:
             if data
         ]
 
-    def remove(self, entry_id: str) -> bool:
-        pipe = self.redis.pipeline()
-        pipe.delete(ENTRY_PREFIX + entry_id)
-        pipe.zrem(INDEX_KEY, entry_id)
-        deleted, _ = pipe.execute()
+    def remove(self, entry_id: str, *, last_at: float | None = None) -> bool:
+        """Delete an entry; True when there was one to delete.
+
+        With ``last_at`` the entry is deleted only while it is still the version
+        stored at that time: one stored again meanwhile (the same work failing
+        again) stays.
+        """
+        key = ENTRY_PREFIX + entry_id
+        with self.redis.pipeline() as pipe:
+            if last_at is not None:
+                pipe.watch(key)
+                stored = pipe.hget(key, "last_at")
+                if stored is None or float(_text(stored)) != last_at:
+                    return False
+                pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(INDEX_KEY, entry_id)
+            try:
+                deleted, _ = pipe.execute()
+            except WatchError:
+                return False
         return bool(deleted)
 
 
