@@ -37,13 +37,24 @@ class DelaySet:
         self.lease_seconds = lease_seconds
         self._take_due = redis.register_script(TAKE_DUE_SCRIPT)
 
-    def add(self, events: list[dict], *, due_at: float, reason: str, **meta) -> str:
-        """Schedule ``events`` to be queued again at ``due_at`` (epoch seconds)."""
+    def add(
+        self,
+        events: list[dict],
+        *,
+        due_at: float,
+        reason: str,
+        meta: dict | None = None,
+    ) -> str:
+        """Schedule ``events`` to be queued again at ``due_at`` (epoch seconds).
+
+        ``reason`` says why they wait (``settle``, ``retry``, ...); ``meta`` goes
+        with the task that queues them again, with ``reason`` in it.
+        """
         entry = {
             "id": secrets.token_hex(8),
             "events": events,
             "reason": reason,
-            "meta": meta,
+            "meta": {**(meta or {}), "reason": reason},
         }
         member = json.dumps(entry, sort_keys=True)
         self.redis.zadd(DELAY_KEY, {member: due_at})

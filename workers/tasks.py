@@ -97,7 +97,7 @@ def _settle(events: list[Event], context: WorkerContext, meta) -> list[Event]:
     if young:
         due = max(e.occurred_at for e in young) / 1000 + settle
         context.delays.add(
-            [e.to_json() for e in young], due_at=due, reason="settle", **meta
+            [e.to_json() for e in young], due_at=due, reason="settle", meta=meta
         )
         log.info("events_settling", events=len(young), seconds=round(due - now, 1))
     young_keys = {e.dedup_key for e in young}
@@ -162,7 +162,7 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
             [e.to_json() for e in result.recheck],
             due_at=time.time() + context.settings.recheck_seconds,
             reason="recheck",
-            recheck=True,
+            meta={**meta, "recheck": True},
         )
         log.info("events_recheck_scheduled", events=len(result.recheck))
     for event, reason, details in result.dead:
@@ -245,7 +245,10 @@ def _retry(context: WorkerContext, events, error: HubSpotError, meta):
         half = len(events) // 2
         for part in (events[:half], events[half:]):
             context.delays.add(
-                [e.to_json() for e in part], due_at=time.time(), reason="split", **meta
+                [e.to_json() for e in part],
+                due_at=time.time(),
+                reason="split",
+                meta=meta,
             )
         log.info("events_split", events=len(events), parts=2)
         return
@@ -266,7 +269,7 @@ def _retry(context: WorkerContext, events, error: HubSpotError, meta):
         [e.to_json() for e in events],
         due_at=time.time() + delay,
         reason="retry",
-        **{**meta, "attempt": attempt},
+        meta={**meta, "attempt": attempt},
     )
     log.warning(
         "events_retry_scheduled",
@@ -286,7 +289,7 @@ def _defer(context: WorkerContext, events, error: HubSpotError, meta):
         [e.to_json() for e in events],
         due_at=time.time() + seconds,
         reason="rate_limit",
-        **{**meta, "deferrals": deferrals},
+        meta={**meta, "deferrals": deferrals},
     )
     log.warning(
         "events_deferred",

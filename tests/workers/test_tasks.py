@@ -224,3 +224,13 @@ def test_a_daily_429_defers_the_portal_until_hubspots_reset(
     midnight = (time.time() // 86400 + 1) * 86400
     assert abs(due - midnight) < 5
     assert hubspot.call_count("api_usage") == 1
+
+
+def test_replayed_work_stays_replayed_through_its_retries(context, redis_client):
+    meta = {"reason": "replay", "replay": "entry-1"}
+
+    _retry(context, [contact_event(50)], TransientError("502", status=502), meta)
+
+    [(entry, _)] = delayed(redis_client)
+    assert entry["meta"]["replay"] == "entry-1"
+    assert entry["meta"]["reason"] == "retry"
