@@ -84,6 +84,11 @@ class LabelResolver:
                 return t
             if name == PRIMARY and t.category == HUBSPOT_DEFINED and t.label == PRIMARY:
                 return t
+        if name == UNLABELED:
+            # A custom object's unlabeled type is USER_DEFINED, not HubSpot's.
+            for t in types:
+                if not t.label:
+                    return t
         if name not in (UNLABELED, PRIMARY):
             for t in types:
                 if t.label and t.label.strip().lower() == name.strip().lower():

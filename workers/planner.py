@@ -11,7 +11,9 @@ new one, because HubSpot replaces a pair's labels with the ones sent. An existin
 Primary is never moved: Primary is only added to a record that has none.
 
 Before writing, each association is claimed in Redis (``SET NX``) so that two
-plans racing for the same pair write it once; a failed write releases its claim.
+plans racing for the same pair write it once, and each Primary is claimed on its
+record so that two plans choosing different targets never move each other's; a
+failed write releases its claims.
 """
 
 from collections import defaultdict
@@ -37,6 +39,7 @@ from workers.rules import (
 )
 
 CLAIM_PREFIX = "associator:write:"
+PRIMARY_CLAIM_PREFIX = "associator:primary:"
 EMAIL_LIKE = ("email_domain", "url_host")
 
 
@@ -116,7 +119,7 @@ class Planner:
         calls_before = self.client.api_calls
         self._primary_asks: dict[tuple[str, int, str], dict[Pair, bool]] = {}
         self._has_primary: set[tuple[str, int, str]] = set()
-        self._has_any: set[tuple[str, int, str]] = set()
+        self._claims: dict[Pair, list[str]] = {}
         self._written: dict[Pair, tuple] = {}
         self._dry: set[Pair] = set()
         skip: dict[str, str] = {}
@@ -139,16 +142,27 @@ class Planner:
         rules_by_name = {r.name: r for r in self.rules.rules}
         candidates: dict[tuple[str, str], list[Pair]] = {}
         free_mail: set[str] = set()
-        for (name, reverse), group in by_rule.items():
+        # Via rules go last, so that a record planned with its through-records (a
+        # deal created with its contacts) also gets what this plan gives them.
+        ordered = sorted(
+            by_rule, key=lambda name_reverse: rules_by_name[name_reverse[0]].kind == VIA
+        )
+        for name, reverse in ordered:
+            group = by_rule[(name, reverse)]
             rule = rules_by_name[name]
-            pairs_of = self._candidates(rule, reverse, group, records, free_mail)
+            pairs_of = self._candidates(
+                rule, reverse, group, records, free_mail, candidates
+            )
             for subject in group:
                 key = subject.event.dedup_key
                 pairs = pairs_of.get(_ref(subject), [])
                 candidates[(key, name + ("/reverse" if reverse else ""))] = pairs
                 rules_of[key].add(name)
                 found[key].extend(pairs)
-                if not pairs and rule.kind == MATCH:
+                # Search lags writes: a match whose search found nothing looks
+                # again later. One with nothing to search for (no value, a
+                # free-mail domain) would find nothing then either.
+                if rule.kind == MATCH and not pairs and _ref(subject) in pairs_of:
                     no_candidate_match.add(key)
 
         wanted = self._wanted(candidates, rules_by_name)
@@ -248,10 +262,10 @@ class Planner:
 
     # -- candidates --------------------------------------------------------------
 
-    def _candidates(self, rule, reverse, group, records, free_mail):
+    def _candidates(self, rule, reverse, group, records, free_mail, planned):
         """{(type, id) of subject: [pairs in the rule's direction]}."""
         if rule.kind == VIA:
-            return self._via(rule, group)
+            return self._via(rule, group, planned)
         if rule.kind == REFERENCE:
             return self._reference(rule, group, records)
         if reverse:
@@ -307,13 +321,16 @@ class Planner:
             return {}
 
         search_property = rule.reverse_property or rule.property
-        properties = sorted({rule.property, search_property})
+        properties = sorted({rule.property, search_property, *rule.when})
         found = self.client.search(
             rule.from_type, search_property, sorted(set(values.values())), properties
         )
         by_value = defaultdict(list)
         for record in found:
             props = record["properties"]
+            # The rule's filters are on its from-records: here, the ones found.
+            if not _passes(rule, False, props):
+                continue
             value = rule.normalise(props.get(rule.property))
             if value is None and search_property != rule.property:
                 value = _normalise_other(rule, props.get(search_property))
@@ -327,7 +344,7 @@ class Planner:
             for ref, value in values.items()
         }
 
-    def _via(self, rule: Rule, group):
+    def _via(self, rule: Rule, group, planned):
         subject_ids = sorted({s.object_id for s in group})
         first = self.client.read_associations(
             rule.from_type, rule.through_type, subject_ids
@@ -338,13 +355,21 @@ class Planner:
             if through_ids
             else {}
         )
+        # What this plan gives the through-records, in either direction: HubSpot
+        # may not have it yet.
+        planned_links = defaultdict(set)
+        for pair in (p for pairs in planned.values() for p in pairs):
+            if (pair.from_type, pair.to_type) == (rule.through_type, rule.to_type):
+                planned_links[pair.from_id].add(pair.to_id)
+            elif (pair.to_type, pair.from_type) == (rule.through_type, rule.to_type):
+                planned_links[pair.to_id].add(pair.from_id)
+
         result = {}
         for subject_id in subject_ids:
-            targets = {
-                a.to_id
-                for link in first.get(subject_id, [])
-                for a in second.get(link.to_id, [])
-            }
+            targets = set()
+            for link in first.get(subject_id, []):
+                targets |= {a.to_id for a in second.get(link.to_id, [])}
+                targets |= planned_links[link.to_id]
             result[(rule.from_type, subject_id)] = [
                 Pair(rule.from_type, subject_id, rule.to_type, to_id)
                 for to_id in sorted(targets)
@@ -445,7 +470,6 @@ class Planner:
                     ends = (from_type, from_id, to_type)
                     pair = Pair(from_type, from_id, to_type, association.to_id)
                     existing[pair] = {_plain(t) for t in association.types}
-                    self._has_any.add(ends)
                     if any(t.label == PRIMARY for t in association.types):
                         self._has_primary.add(ends)
         return existing
@@ -485,10 +509,9 @@ class Planner:
         if not writes:
             return done, failed
 
-        claimed = self._claim(writes)
-        taken = set(writes) - set(claimed)
-        # Another plan holds these: it writes them, so they count as present here.
-        done_elsewhere = taken
+        # Another plan holds the taken ones: it writes them, so they count as
+        # present here.
+        claimed, taken = self._claim(writes)
         if self.dry_run:
             self._release(claimed)
             self._dry = set(claimed) | taken
@@ -531,33 +554,63 @@ class Planner:
                 failed[by_input[(item.from_id, item.to_id)]] = error
 
         if failed:
-            self._release({p: claimed[p] for p in failed})
+            self._release(failed)
         result.created += len(done)
         self._written = {p: claimed[p] for p in done}
-        return done | done_elsewhere, failed
+        return done | taken, failed
 
-    def _claim(self, writes) -> dict:
+    def _claim(self, writes) -> tuple[dict, set[Pair]]:
+        """(the writes this plan makes, the pairs another plan is writing)."""
+        pairs = list(writes)
+        won = self._set_nx([self._claim_key(p, writes[p][1]) for p in pairs])
+        claimed = {p: writes[p] for p, ok in zip(pairs, won, strict=True) if ok}
+        taken = set(writes) - set(claimed)
+        self._claims = {p: [self._claim_key(p, claimed[p][1])] for p in claimed}
+
+        # A record has one Primary: the plan that claims it on the record first
+        # writes it, and a plan that finds it claimed writes the rest without it.
+        # TODO: two plans writing different labels to one pair still race (the
+        # later write replaces the labels the earlier one added). It takes two
+        # rules labeling one pair of types; it waits until a rules file has them.
+        asking = [p for p, (_, missing) in claimed.items() if _has_primary(missing)]
+        won = self._set_nx([self._primary_claim_key(p) for p in asking])
+        for pair, ok in zip(asking, won, strict=True):
+            if ok:
+                self._claims[pair].append(self._primary_claim_key(pair))
+                continue
+            have, missing = claimed[pair]
+            missing = {t for t in missing if t.label != PRIMARY}
+            if missing:
+                claimed[pair] = (have, missing)
+            else:
+                self._release([pair])
+                del claimed[pair]
+                taken.add(pair)
+        return claimed, taken
+
+    def _set_nx(self, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
         pipe = self.redis.pipeline()
-        keys = [self._claim_key(pair, missing) for pair, (_, missing) in writes.items()]
         for key in keys:
             pipe.set(key, "1", nx=True, ex=self.claim_seconds)
-        won = pipe.execute()
-        return {
-            pair: value
-            for (pair, value), ok in zip(writes.items(), won, strict=True)
-            if ok
-        }
+        return [bool(ok) for ok in pipe.execute()]
 
-    def _release(self, claimed) -> None:
-        if claimed:
-            self.redis.delete(
-                *[self._claim_key(p, missing) for p, (_, missing) in claimed.items()]
-            )
+    def _release(self, pairs) -> None:
+        keys = [key for pair in pairs for key in self._claims.pop(pair, [])]
+        if keys:
+            self.redis.delete(*keys)
 
     def _claim_key(self, pair: Pair, missing) -> str:
         labels = sorted(t.type_id for t in missing if t.label)
         return pair.claim_key(
             self.portal_id, ":" + ",".join(map(str, labels)) if labels else ""
+        )
+
+    def _primary_claim_key(self, pair: Pair) -> str:
+        return (
+            f"{PRIMARY_CLAIM_PREFIX}{self.portal_id}:"
+            f"{pair.from_type}:{pair.from_id}:{pair.to_type}"
         )
 
     # -- outcomes ----------------------------------------------------------------
@@ -626,6 +679,10 @@ def _wants_primary(rule: Rule) -> bool:
     # Primary is never written blindly: a record has one, and writing another
     # would move it. A rule asking for Primary gets it under the same guard.
     return rule.primary_when_single or rule.association == PRIMARY
+
+
+def _has_primary(types) -> bool:
+    return any(t.label == PRIMARY for t in types)
 
 
 def _ref(subject: Subject) -> tuple[str, int]:

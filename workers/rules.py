@@ -113,15 +113,21 @@ TRANSFORMS: dict[str, Callable[[str], str | None]] = {
 }
 
 
+# The plural names of HubSpot's paths: ``companies``, ``line_items``, ...
+_SINGULAR_NAMES = {
+    (name[:-1] + "ies" if name.endswith("y") else name + "s"): name
+    for name in OBJECT_TYPE_IDS
+}
+
+
 def object_type_id(name: str, *, rule: str, field_name: str) -> str:
     """``contact``, ``contacts``, ``0-1`` -> ``0-1``; custom objects by id."""
     text = str(name).strip().lower()
     if text in OBJECT_NAMES:
         return text
-    singular = text.removesuffix("s") if text != "line_items" else "line_item"
-    for candidate in (text, singular, text.removesuffix("es")):
-        if candidate in OBJECT_TYPE_IDS:
-            return OBJECT_TYPE_IDS[candidate]
+    singular = _SINGULAR_NAMES.get(text, text)
+    if singular in OBJECT_TYPE_IDS:
+        return OBJECT_TYPE_IDS[singular]
     parts = text.split("-")
     if len(parts) == 2 and all(p.isdigit() for p in parts):
         return text
@@ -173,8 +179,6 @@ class Rule:
                 + f" = {dst}.{self.to_property}"
             )
             what = f"associates a new {src} with every {dst} where {how}"
-            if self.reverse:
-                what += f"; also when a {dst} is created"
         elif self.kind == VIA:
             via = object_label(self.through_type)
             what = f"associates a new {src} with the {dst} records of its {via} records"
@@ -189,6 +193,11 @@ class Rule:
                 f"{src}.{self.property}"
             )
         what += f", {label}"
+        if self.reverse:
+            what += (
+                f"; also when a {dst} is created, finding each {src} by "
+                f"{src}.{self.reverse_property}"
+            )
         if self.primary_when_single:
             what += (
                 f"; also Primary when the {src} has no primary {dst} and exactly "
@@ -299,6 +308,8 @@ def parse_rules(text: str, *, source: str = "rules") -> RuleSet:
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list) or not raw_rules:
         raise RulesError(f"{source}: no [[rule]] tables")
+    if not all(isinstance(raw, dict) for raw in raw_rules):
+        raise RulesError(f"{source}: each rule must be a [[rule]] table")
     rules = [_rule(raw, index) for index, raw in enumerate(raw_rules, 1)]
     names = [r.name for r in rules]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -319,8 +330,20 @@ def _rule(raw: dict, index: int) -> Rule:
 
     def need(key):
         value = raw.get(key)
-        if value in (None, ""):
+        if value is None or value == "":
             raise RulesError(f"rule {name!r}: {key} is required for kind {kind!r}")
+        return text(key)
+
+    def text(key):
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise RulesError(f"rule {name!r}: {key} must be a non-empty string")
+        return None if value is None else value.strip()
+
+    def flag(key):
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            raise RulesError(f"rule {name!r}: {key} must be true or false")
         return value
 
     kind = raw.get("kind")
@@ -334,7 +357,7 @@ def _rule(raw: dict, index: int) -> Rule:
         raise RulesError(
             f"rule {name!r}: transform must be one of {', '.join(TRANSFORMS)}"
         )
-    association = str(raw.get("association", UNLABELED)).strip()
+    association = text("association") or UNLABELED
     if association.lower() == UNLABELED:
         association = UNLABELED
     elif association.lower() == PRIMARY.lower():
@@ -343,10 +366,13 @@ def _rule(raw: dict, index: int) -> Rule:
     when = raw.get("when", {})
     if not isinstance(when, dict):
         raise RulesError(f"rule {name!r}: when must be a table of property = values")
-    when = {
-        str(k): tuple(str(v) for v in (vs if isinstance(vs, list) else [vs]))
-        for k, vs in when.items()
-    }
+    when = {k: vs if isinstance(vs, list) else [vs] for k, vs in when.items()}
+    for prop, values in when.items():
+        if not values or not all(isinstance(v, str | int | bool) for v in values):
+            raise RulesError(
+                f"rule {name!r}: when.{prop} must be a value or a list of values"
+            )
+    when = {k: tuple(_when_value(v) for v in vs) for k, vs in when.items()}
 
     rule = Rule(
         name=name,
@@ -354,9 +380,9 @@ def _rule(raw: dict, index: int) -> Rule:
         from_type=from_type,
         to_type=to_type,
         association=association,
-        primary_when_single=bool(raw.get("primary_when_single", False)),
+        primary_when_single=flag("primary_when_single"),
         transform=transform,
-        reverse=bool(raw.get("reverse", False)),
+        reverse=flag("reverse"),
         when=when,
     )
     if kind == MATCH:
@@ -364,11 +390,11 @@ def _rule(raw: dict, index: int) -> Rule:
             rule,
             property=need("property"),
             to_property=need("to_property"),
-            reverse_property=raw.get("reverse_property") or raw.get("property"),
+            reverse_property=text("reverse_property") or need("property"),
         )
     elif kind == REFERENCE:
         rule = _replace(
-            rule, property=need("property"), to_property=raw.get("to_property")
+            rule, property=need("property"), to_property=text("to_property")
         )
         if rule.reverse:
             raise RulesError(f"rule {name!r}: reverse applies to match rules only")
@@ -388,12 +414,21 @@ def _replace(rule: Rule, **changes) -> Rule:
     return replace(rule, **changes)
 
 
+def _when_value(value: str | int | bool) -> str:
+    # TOML's true is HubSpot's "true", not Python's "True".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def load_rules(path: str | Path | None) -> RuleSet:
     if path is None or str(path) == "":
         return parse_rules(DEFAULT_RULES_TOML, source="built-in defaults")
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError(f"{path}: cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise RulesError(f"{path}: is not UTF-8 text") from exc
     return parse_rules(text, source=str(path))
