@@ -26,7 +26,9 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 
 test: lint
+	rm -rf build/reliability
 	$(BIN)/pytest --durations=15
+	$(BIN)/python scripts/reliability_report.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/receiver.py
