@@ -43,10 +43,6 @@ UNMETERED_KINDS = frozenset({"usage"})
 SEARCH_WINDOW_MS = 1_000
 DEFAULT_WINDOW_MS = 10_000
 LEARNED_SECONDS = 24 * 3600
-# How long the probing worker holds the right to the one probe call.
-PROBE_LEASE_MS = 30_000
-# How soon a worker that found another probing asks again.
-PROBE_WAIT_SECONDS = 5.0
 
 # KEYS: window, learned max, learned interval, daily block, probe wanted, probing.
 # ARGV: default max, share, search window ms (0 for the learned one), member.
@@ -151,14 +147,21 @@ class RateLimiter:
         share: float,
         max_wait_seconds: float,
         daily_defer_seconds: float,
+        probe_wait_seconds: float = 5.0,
+        probe_lease_seconds: float = 30.0,
         sleep=time.sleep,
     ):
+        """``probe_wait_seconds``: how soon a worker that found another probing
+        the daily limit asks again; ``probe_lease_seconds``: how long the prober
+        holds the right to the one probe call (longer than a call can take)."""
         self.redis = redis
         self.default_per_10s = default_per_10s
         self.search_per_second = search_per_second
         self.share = share
         self.max_wait_seconds = max_wait_seconds
         self.daily_defer_seconds = daily_defer_seconds
+        self.probe_wait_seconds = probe_wait_seconds
+        self.probe_lease_seconds = probe_lease_seconds
         self._sleep = sleep
         self._acquire = redis.register_script(ACQUIRE_SCRIPT)
         self._observe = redis.register_script(OBSERVE_SCRIPT)
@@ -180,8 +183,8 @@ class RateLimiter:
                     self.share,
                     window_ms,
                     secrets.token_hex(8),
-                    PROBE_LEASE_MS,
-                    PROBE_WAIT_SECONDS * 1000,
+                    round(self.probe_lease_seconds * 1000),
+                    round(self.probe_wait_seconds * 1000),
                     DEFAULT_WINDOW_MS,
                 ],
             )

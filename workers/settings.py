@@ -251,6 +251,12 @@ class Settings:
         "How long a portal's work waits after a DAILY 429 when HubSpot's usage "
         "report gives no reset time; then one call probes whether it cleared.",
     )
+    daily_probe_wait_seconds: float = _var(
+        "ASSOCIATOR_DAILY_PROBE_WAIT_SECONDS",
+        5.0,
+        "After a daily limit's reset, while one worker probes whether it cleared, "
+        "how soon the others ask again.",
+    )
     unacked_restore_seconds: int = _var(
         "ASSOCIATOR_UNACKED_RESTORE_SECONDS",
         10,

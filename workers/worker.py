@@ -76,6 +76,9 @@ def context() -> WorkerContext:
                 share=settings.rate_limit_share,
                 max_wait_seconds=settings.rate_limit_max_wait_seconds,
                 daily_defer_seconds=settings.daily_defer_seconds,
+                probe_wait_seconds=settings.daily_probe_wait_seconds,
+                # Longer than the probe call itself can take.
+                probe_lease_seconds=3 * settings.http_timeout_seconds,
             ),
         )
     return _context
