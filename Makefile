@@ -32,6 +32,7 @@ test: lint
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/receiver.py
+	$(BIN)/python benchmarks/planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
