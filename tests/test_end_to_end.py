@@ -220,11 +220,12 @@ def test_contacts_and_companies_are_associated_whichever_is_created_first(stack)
         nothing_events,
     )
 
-    # One delivery is one plan: each event counts every pair it found as its own.
+    # One delivery is one plan: a pair is created for the first event of the
+    # delivery that found it (here the contacts, shuffled before the company).
     together_outcomes = stack.wait_for_outcomes(
         [together_event, *together_contact_events]
     )
-    assert [applied(o) for o in together_outcomes] == [(2, 0), (1, 0), (1, 0)]
+    assert [applied(o) for o in together_outcomes] == [(0, 2), (1, 0), (1, 0)]
     assert together_outcomes[1]["rules"] == [EMAIL_RULE]
     assert together_outcomes[1]["written"] == [
         f"contact:{together_contacts[0]}\u2192company:{together} type=1,279"
@@ -272,7 +273,8 @@ def test_a_delivery_sent_again_has_one_outcome_and_writes_once(stack):
     deliver_all(stack, delivery, retried, [delivery[1], delivery[1]])
     outcomes = stack.wait_for_outcomes(delivery)
 
-    assert [applied(o) for o in outcomes] == [(1, 0), (1, 0)]
+    # One pair, created for the delivery's first event and present for the other.
+    assert [applied(o) for o in outcomes] == [(1, 0), (0, 1)]
     received = [
         (line["kept"], line["duplicates"])
         for line in stack.web.log(since=0)
@@ -326,7 +328,9 @@ def test_a_deal_gets_its_contacts_companies_also_when_contacts_come_later(stack)
     outcomes = stack.wait_for_outcomes([*deals, echo])
     assert applied(outcomes[0]) == (1, 0)
     assert outcomes[0]["rules"] == [DEAL_RULE]
-    assert skip_reasons(outcomes[1:]) == ["no_candidate", "no_candidate", "no_rule"]
+    assert skip_reasons(outcomes[1:3]) == ["no_candidate", "no_candidate"]
+    # The echo re-plans the contact's deal, which the deal's own event planned.
+    assert applied(outcomes[3]) == (0, 1)
 
     # A user adds contacts to the deals: HubSpot sends a change for each side.
     hubspot.associate("deal", single, "contact", ann)
@@ -349,8 +353,10 @@ def test_a_deal_gets_its_contacts_companies_also_when_contacts_come_later(stack)
     deliver_all(stack, shuffled(changes, seed=2))
 
     outcomes = stack.wait_for_outcomes(changes)
-    # One plan: each event counts every pair of its deal it found.
-    assert [applied(o) for o in outcomes[:7]] == [(1, 0)] * 2 + [(2, 0)] * 4 + [(1, 1)]
+    # One plan: each event finds every pair of its deal, and the four new pairs
+    # are created once, each for the first event of the delivery that found it.
+    assert [sum(applied(o)) for o in outcomes[:7]] == [1] * 2 + [2] * 4 + [2]
+    assert sum(applied(o)[0] for o in outcomes[:7]) == 4
     assert {r for o in outcomes[:7] for r in o["rules"]} == {DEAL_RULE}
     assert skip_reasons(outcomes[7:]) == ["no_rule"]
 
@@ -366,6 +372,63 @@ def test_a_deal_gets_its_contacts_companies_also_when_contacts_come_later(stack)
     assert hubspot.associations("deal", with_ann, "company") == {
         alpha: DEAL_TO_PRIMARY_COMPANY,
         beta: DEAL_TO_COMPANY,
+    }
+
+
+def test_a_deal_gets_the_company_its_contact_gets_later(stack):
+    hubspot = stack.hubspot
+    lea = contact(hubspot, "lea@later.example")
+    loner = contact(hubspot, "lone@later.example")
+    deal = hubspot.add_record("deal", {"dealname": "later"})
+    hubspot.associate("deal", deal, "contact", lea)
+    first = [created("contact", lea), created("contact", loner), created("deal", deal)]
+    deliver_all(stack, first)
+    # No company yet, also on the contacts' recheck.
+    assert skip_reasons(stack.wait_for_outcomes(first)) == ["no_candidate"] * 3
+
+    # The company comes later, its domain typed with www.: the reverse rule finds
+    # the contacts.
+    later = company(hubspot, "www.later.example")
+    company_event = created("company", later)
+    deliver_all(stack, [company_event])
+    (outcome,) = stack.wait_for_outcomes([company_event])
+    assert applied(outcome) == (2, 0)
+
+    # HubSpot tells of those writes from both sides, classic and generic; and of
+    # a removal, which re-plans nothing.
+    echoes = [
+        association_change("contact", lea, "company", later),
+        {
+            **association_change("company", later, "contact", lea, generic=True),
+            "associationTypeId": 280,
+        },
+        association_change("contact", loner, "company", later),
+        association_change("contact", loner, "company", later, removed=True),
+    ]
+    calls_before = hubspot.call_count()
+    deliver_all(stack, echoes)
+
+    outcomes = stack.wait_for_outcomes(echoes)
+    assert applied(outcomes[0]) == (1, 0)
+    assert outcomes[0]["rules"] == [DEAL_RULE]
+    assert outcomes[0]["written"] == [f"deal:{deal}\u2192company:{later} type=5,341"]
+    assert applied(outcomes[1]) == (0, 1)
+    assert skip_reasons(outcomes[2:]) == ["no_candidate", "no_rule"]
+    # The contacts' deals in one read, then the deal's reads as when it is
+    # re-planned, and one write.
+    kinds = [c["kind"] for c in hubspot.calls[calls_before:] if c["kind"] != "labels"]
+    assert kinds == ["associations_read"] * 4 + ["associations_create"]
+
+    # A contact created now finds the company by its domain without www.
+    lou = contact(hubspot, "lou@later.example")
+    lou_event = created("contact", lou)
+    deliver_all(stack, [lou_event])
+    (outcome,) = stack.wait_for_outcomes([lou_event])
+    assert applied(outcome) == (1, 0)
+
+    assert_contacts_of(hubspot, later, [lea, loner, lou])
+    assert hubspot.associations("deal", deal, "company") == {
+        later: DEAL_TO_PRIMARY_COMPANY
     }
 
 

@@ -39,7 +39,9 @@ log = get_logger(__name__)
 # HubSpot's batch limits (HUBSPOT.md sections 3 and 4). The input limit of the
 # association writes is undocumented; 100 is the safe side of what was reported.
 RECORDS_PER_BATCH_READ = 100
-VALUES_PER_SEARCH = 100
+# One IN filter takes up to 100 values; a search ORs up to 5 filter groups.
+VALUES_PER_FILTER = 100
+FILTER_GROUPS_PER_SEARCH = 5
 RECORDS_PER_SEARCH_PAGE = 200
 IDS_PER_ASSOCIATION_READ = 1_000
 INPUTS_PER_ASSOCIATION_WRITE = 100
@@ -90,6 +92,15 @@ class HubSpotError(Exception):
         self.sub_category = sub_category
         self.correlation_id = correlation_id
         self.context = dict(context or {})
+
+    def describe(self) -> str:
+        """Status, category and message, as a dead letter keeps them."""
+        parts = [f"status={self.status}"]
+        if self.category:
+            parts.append(f"category={self.category}")
+        if self.message:
+            parts.append(f"message={self.message}")
+        return " ".join(parts)
 
 
 class TransientError(HubSpotError):
@@ -322,7 +333,7 @@ class HubSpotClient:
 
         # TODO: a query matching more than 10,000 records fails with HubSpot's 400
         # at the 10,000th; splitting it waits until a portal needs it.
-        for chunk in _chunks(wanted, VALUES_PER_SEARCH):
+        for chunk in _chunks(wanted, VALUES_PER_FILTER * FILTER_GROUPS_PER_SEARCH):
             body = {
                 "filterGroups": [
                     {
@@ -330,10 +341,11 @@ class HubSpotClient:
                             {
                                 "propertyName": property_name,
                                 "operator": "IN",
-                                "values": chunk,
+                                "values": values,
                             }
                         ]
                     }
+                    for values in _chunks(chunk, VALUES_PER_FILTER)
                 ],
                 "properties": list(properties),
                 "limit": RECORDS_PER_SEARCH_PAGE,

@@ -13,9 +13,17 @@ Primary is never moved: Primary is only added to a record that has none.
 Before writing, each association is claimed in Redis (``SET NX``) so that two
 plans racing for the same pair write it once, and each Primary is claimed on its
 record so that two plans choosing different targets never move each other's; a
-failed write releases its claims.
+failed write releases its claims. A claim names its owner, the task: a task whose
+worker died before writing runs again under the same id and takes its claims back,
+where another plan would count the pair as being written.
+
+An association change re-plans what a via rule builds on it. A change on the
+rule's first hop (a deal gains a contact) re-plans that record; a change on its
+second hop (a contact gains a company) re-plans the records associated with the
+through-record (the contact's deals), read in one batch call per plan.
 """
 
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -102,6 +110,7 @@ class Planner:
         labels: LabelResolver,
         redis,
         claim_seconds: int,
+        claim_owner: str | None = None,
         dry_run: bool = False,
     ):
         self.client = client
@@ -110,6 +119,8 @@ class Planner:
         self.labels = labels
         self.redis = redis
         self.claim_seconds = claim_seconds
+        # The task id in a worker; without one each planner owns its own claims.
+        self.claim_owner = claim_owner or secrets.token_hex(8)
         self.dry_run = dry_run
 
     # -- the whole plan ---------------------------------------------------------
@@ -128,8 +139,8 @@ class Planner:
         no_candidate_match: set[str] = set()
 
         subjects = self._subjects(events, skip)
-        records = self._read_records(subjects, skip)
-        self._apply_filters(subjects, records, skip)
+        records = self._read_records(subjects)
+        subjects = self._plannable(subjects, records, skip)
 
         by_rule: dict[tuple[str, bool], list[Subject]] = defaultdict(list)
         for subject in subjects:
@@ -140,7 +151,9 @@ class Planner:
                     by_rule[(rule.name, reverse)].append(subject)
 
         rules_by_name = {r.name: r for r in self.rules.rules}
-        candidates: dict[tuple[str, str], list[Pair]] = {}
+        # (event, rule, subject) -> pairs: one event may plan several records
+        # (a contact's change re-plans each of its deals).
+        candidates: dict[tuple[str, str, tuple[str, int]], list[Pair]] = {}
         free_mail: set[str] = set()
         # Via rules go last, so that a record planned with its through-records (a
         # deal created with its contacts) also gets what this plan gives them.
@@ -156,7 +169,8 @@ class Planner:
             for subject in group:
                 key = subject.event.dedup_key
                 pairs = pairs_of.get(_ref(subject), [])
-                candidates[(key, name + ("/reverse" if reverse else ""))] = pairs
+                rule_key = name + ("/reverse" if reverse else "")
+                candidates[(key, rule_key, _ref(subject))] = pairs
                 rules_of[key].add(name)
                 found[key].extend(pairs)
                 # Search lags writes: a match whose search found nothing looks
@@ -191,9 +205,14 @@ class Planner:
 
     def _subjects(self, events, skip) -> list[Subject]:
         subjects = []
+        onward: list[tuple[Event, Rule, int]] = []
         for event in events:
             if event.kind == ASSOCIATION_CHANGE:
-                subjects.extend(self._replan_subjects(event, skip))
+                direct, through = self._replan_subjects(event)
+                if not direct and not through:
+                    skip[event.dedup_key] = "no_rule"
+                subjects.extend(direct)
+                onward.extend(through)
                 continue
             rules = [(r, False) for r in self.rules.forward(event.object_type_id)]
             rules += [(r, True) for r in self.rules.reverse(event.object_type_id)]
@@ -203,26 +222,68 @@ class Planner:
             subjects.append(
                 Subject(event, event.object_type_id, event.object_id, rules)
             )
+
+        subjects.extend(self._through_subjects(onward))
+        # A change that feeds a rule but whose through-record has none of the
+        # rule's records (a contact without deals) has nothing to plan.
+        planned = {s.event.dedup_key for s in subjects}
+        for event, _, _ in onward:
+            if event.dedup_key not in planned:
+                skip[event.dedup_key] = "no_candidate"
         return subjects
 
-    def _replan_subjects(self, event: Event, skip) -> list[Subject]:
+    def _replan_subjects(self, event: Event):
+        """What an association change re-plans, in two lists.
+
+        The first holds the subjects planned at once: the changed record of each
+        via rule whose first hop the pair is. The second holds (event, rule,
+        through-record id) for each via rule whose second hop it is; the
+        through-record's records are read for the whole plan at once.
+        """
         change = event.association
-        if change is None or change.removed or change.to_object_id is None:
-            skip[event.dedup_key] = "no_rule"
-            return []
-        triggers = self.rules.replan_triggers(
-            change.from_object_type_id, change.to_object_type_id
-        )
-        if not triggers:
-            skip[event.dedup_key] = "no_rule"
-            return []
+        if change is None or change.removed:
+            return [], []
+        ends = {"from": change.from_object_id, "to": change.to_object_id}
+        if None in ends.values():
+            return [], []
+
+        direct = [
+            Subject(event, rule.from_type, ends[side], [(rule, False)])
+            for rule, side in self.rules.replan_triggers(
+                change.from_object_type_id, change.to_object_type_id
+            )
+        ]
+        through = [
+            (event, rule, ends[side])
+            for rule, side in self.rules.replan_through_triggers(
+                change.from_object_type_id, change.to_object_type_id
+            )
+        ]
+        return direct, through
+
+    def _through_subjects(self, onward) -> list[Subject]:
+        """The records associated with each through-record, as subjects of its
+        via rule; one batch read per pair of types for the whole plan."""
+        ids: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for _, rule, through_id in onward:
+            ids[(rule.through_type, rule.from_type)].add(through_id)
+        links = {
+            (through_type, from_type): self.client.read_associations(
+                through_type, from_type, sorted(through_ids)
+            )
+            for (through_type, from_type), through_ids in ids.items()
+        }
+
         subjects = []
-        for rule, side in triggers:
-            object_id = change.from_object_id if side == "from" else change.to_object_id
-            subjects.append(Subject(event, rule.from_type, object_id, [(rule, False)]))
+        for event, rule, through_id in onward:
+            for link in links[(rule.through_type, rule.from_type)].get(through_id, []):
+                subjects.append(
+                    Subject(event, rule.from_type, link.to_id, [(rule, False)])
+                )
         return subjects
 
-    def _read_records(self, subjects, skip) -> dict[tuple[str, int], dict]:
+    def _read_records(self, subjects) -> dict[tuple[str, int], dict | None]:
+        """The properties the subjects' rules need; None for a missing record."""
         needed: dict[str, set[str]] = defaultdict(set)
         ids: dict[str, set[int]] = defaultdict(set)
         for subject in subjects:
@@ -246,19 +307,31 @@ class Planner:
                 records[(object_type, record_id)] = properties
             for record_id in read.missing:
                 records[(object_type, record_id)] = None
-        for subject in subjects:
-            if records.get(_ref(subject), {}) is None:
-                skip[subject.event.dedup_key] = "record_missing"
         return records
 
-    def _apply_filters(self, subjects, records, skip) -> None:
+    def _plannable(self, subjects, records, skip) -> list[Subject]:
+        """The subjects whose record exists and passes a rule's filters.
+
+        An event is skipped only when none of its subjects is left: a contact's
+        change still re-plans its other deals when one of them is gone.
+        """
+        kept = []
+        reasons: dict[str, str] = {}
         for subject in subjects:
             key = subject.event.dedup_key
-            if key in skip:
-                continue
-            record = records.get(_ref(subject))
-            if not any(_passes(r, rev, record) for r, rev in subject.rules):
-                skip[key] = "filtered_out"
+            record = records.get(_ref(subject), {})
+            if record is None:
+                reasons.setdefault(key, "record_missing")
+            elif not any(_passes(r, rev, record) for r, rev in subject.rules):
+                reasons.setdefault(key, "filtered_out")
+            else:
+                kept.append(subject)
+
+        planned = {s.event.dedup_key for s in kept}
+        for key, reason in reasons.items():
+            if key not in planned:
+                skip[key] = reason
+        return kept
 
     # -- candidates --------------------------------------------------------------
 
@@ -290,7 +363,7 @@ class Planner:
         found = self.client.search(
             rule.to_type,
             rule.to_property,
-            sorted(set(values.values())),
+            _searched_values(rule, values.values()),
             [rule.to_property],
         )
         by_value = defaultdict(list)
@@ -323,7 +396,10 @@ class Planner:
         search_property = rule.reverse_property or rule.property
         properties = sorted({rule.property, search_property, *rule.when})
         found = self.client.search(
-            rule.from_type, search_property, sorted(set(values.values())), properties
+            rule.from_type,
+            search_property,
+            _searched_values(rule, values.values()),
+            properties,
         )
         by_value = defaultdict(list)
         for record in found:
@@ -419,7 +495,7 @@ class Planner:
         # (from end) -> {pair: strict}; strict asks (from a reverse match) need the
         # from-record to have no association of the target type at all.
         primary_asks: dict[tuple[str, int, str], dict[Pair, bool]] = defaultdict(dict)
-        for (event_key, rule_key), pairs in candidates.items():
+        for (event_key, rule_key, _), pairs in candidates.items():
             rule = rules_by_name[rule_key.removesuffix("/reverse")]
             label = (
                 None
@@ -589,12 +665,26 @@ class Planner:
         return claimed, taken
 
     def _set_nx(self, keys: list[str]) -> list[bool]:
+        """Claim ``keys``: True for each one this plan's owner holds now, newly or
+        from an earlier delivery of its task."""
         if not keys:
             return []
         pipe = self.redis.pipeline()
         for key in keys:
-            pipe.set(key, "1", nx=True, ex=self.claim_seconds)
-        return [bool(ok) for ok in pipe.execute()]
+            pipe.set(key, self.claim_owner, nx=True, ex=self.claim_seconds)
+            pipe.get(key)
+        answers = pipe.execute()
+        taken_back = [
+            key
+            for key, new, holder in zip(keys, answers[::2], answers[1::2], strict=True)
+            if not new and _text(holder) == self.claim_owner
+        ]
+        if taken_back:
+            pipe = self.redis.pipeline()
+            for key in taken_back:
+                pipe.expire(key, self.claim_seconds)
+            pipe.execute()
+        return [_text(holder) == self.claim_owner for holder in answers[1::2]]
 
     def _release(self, pairs) -> None:
         keys = [key for pair in pairs for key in self._claims.pop(pair, [])]
@@ -633,6 +723,9 @@ class Planner:
     ):
         written = self._written
         dry = self._dry
+        # A pair written once counts as created for the first event of the plan
+        # that wanted it, and as present for the others.
+        credited: set[Pair] = set()
         for event in events:
             key = event.dedup_key
             if key in result.outcomes:
@@ -665,7 +758,8 @@ class Planner:
                     "planned": [str(p) for p in pairs if p in dry],
                 }
                 continue
-            created = [p for p in pairs if p in written]
+            created = [p for p in pairs if p in written and p not in credited]
+            credited.update(created)
             result.outcomes[key] = {
                 "outcome": "applied",
                 "rules": sorted(rules_of[key]),
@@ -673,6 +767,20 @@ class Planner:
                 "present": len(pairs) - len(created),
                 "written": [_written_text(p, written[p]) for p in created],
             }
+
+
+def _searched_values(rule: Rule, values) -> list[str]:
+    """The values one ``IN`` search asks for.
+
+    A host is compared without a leading ``www.``, but HubSpot stores what a user
+    typed (``www.acme.com``): each host is searched in both forms, side by side so
+    that a chunk of the client's search holds both, and what comes back is
+    normalised again.
+    """
+    unique = sorted(set(values))
+    if rule.transform not in EMAIL_LIKE:
+        return unique
+    return [form for value in unique for form in (value, f"www.{value}")]
 
 
 def _wants_primary(rule: Rule) -> bool:
@@ -734,3 +842,7 @@ def _written_text(pair: Pair, claim) -> str:
     _, missing = claim
     ids = ",".join(str(t.type_id) for t in sorted(missing, key=lambda t: t.type_id))
     return f"{pair} type={ids}"
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -7,7 +7,8 @@ A rules file (TOML, ``ASSOCIATOR_RULES``) lists rules of three kinds:
   company ``domain``). With ``reverse = true`` it also runs when a record of the
   other type is created.
 - ``via``: the records associated with the new record's associated records (a
-  deal's contacts' companies).
+  deal's contacts' companies). A change of either hop plans its records again:
+  a deal that gains a contact, and the deals of a contact that gains a company.
 - ``reference``: a property of the new record holds the target's id, or the value
   of a unique property of the target (a line item's ``external_deal_id``).
 
@@ -243,6 +244,26 @@ class RuleSet:
             if (rule.from_type, rule.through_type) == (from_type, to_type):
                 triggers.append((rule, "from"))
             elif (rule.through_type, rule.from_type) == (from_type, to_type):
+                triggers.append((rule, "to"))
+        return triggers
+
+    def replan_through_triggers(
+        self, from_type: str, to_type: str
+    ) -> list[tuple[Rule, str]]:
+        """Via rules whose second hop an association between these types is.
+
+        A contact that gains a company gives its deals another company: such a
+        change re-plans the rule's records associated with the through-record.
+        Returns (rule, side): side ``from`` means the event's from-record is the
+        through-record, ``to`` means its to-record is.
+        """
+        triggers = []
+        for rule in self.rules:
+            if rule.kind != VIA:
+                continue
+            if (rule.through_type, rule.to_type) == (from_type, to_type):
+                triggers.append((rule, "from"))
+            elif (rule.to_type, rule.through_type) == (from_type, to_type):
                 triggers.append((rule, "to"))
         return triggers
 

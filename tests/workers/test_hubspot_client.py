@@ -427,7 +427,7 @@ def test_no_ids_make_no_calls(hubspot, client):
     assert hubspot.seen == []
 
 
-def test_search_sends_lowercase_values_in_chunks_and_follows_paging(hubspot, client):
+def test_search_sends_lowercase_values_in_or_groups_and_follows_paging(hubspot, client):
     def answer(seen):
         values = seen.body["filterGroups"][0]["filters"][0]["values"]
         if values[0] != "d0.example.com":
@@ -444,12 +444,13 @@ def test_search_sends_lowercase_values_in_chunks_and_follows_paging(hubspot, cli
         return Answer(200, {"total": 3, "results": [record(3), record(2)]})
 
     hubspot.handler = answer
-    values = [f"D{i}.Example.COM" for i in range(150)]
+    values = [f"D{i}.Example.COM" for i in range(550)]
 
     found = client.search("companies", "domain", values, ["domain", "name"])
 
     bodies = hubspot.bodies()
     assert len(bodies) == 3
+    # Five OR'ed groups of 100 values each: 500 values a search.
     assert bodies[0] == {
         "filterGroups": [
             {
@@ -457,16 +458,17 @@ def test_search_sends_lowercase_values_in_chunks_and_follows_paging(hubspot, cli
                     {
                         "propertyName": "domain",
                         "operator": "IN",
-                        "values": [f"d{i}.example.com" for i in range(100)],
+                        "values": [f"d{i}.example.com" for i in range(g, g + 100)],
                     }
                 ]
             }
+            for g in range(0, 500, 100)
         ],
         "properties": ["domain", "name"],
         "limit": 200,
     }
     assert bodies[1] == {**bodies[0], "after": "2"}
-    assert len(bodies[2]["filterGroups"][0]["filters"][0]["values"]) == 50
+    assert [len(g["filters"][0]["values"]) for g in bodies[2]["filterGroups"]] == [50]
     assert [r["id"] for r in found] == [1, 2, 3, 900]
     assert found[0] == {
         "id": 1,

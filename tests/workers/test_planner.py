@@ -10,7 +10,7 @@ import textwrap
 import fakeredis
 import pytest
 
-from tests.hubspot_fake import FakeHubSpot, input_error
+from tests.hubspot_fake import FakeHubSpot, input_error, object_type_id
 from tests.support import event
 from webhook.payload import parse_event
 from workers.hubspot import HubSpotClient, TransientError
@@ -19,7 +19,7 @@ from workers.planner import Pair, Planner
 from workers.rules import DEFAULT_RULES_TOML, UNLABELED, RulesError, load_rules
 
 API_VERSIONS = ("v4", "2026-03")
-CONTACT, COMPANY, DEAL = "0-1", "0-2", "0-3"
+CONTACT, COMPANY, DEAL, TICKET = "0-1", "0-2", "0-3", "0-5"
 CONTACT_RULE = "contact-company-by-email-domain"
 DEAL_RULE = "deal-companies-via-contacts"
 
@@ -144,8 +144,57 @@ def associated(from_type, from_id, to_type, to_id, *, removed=False):
     )
 
 
+def generic_associated(from_type, from_id, to_type, to_id):
+    """The generic ``object.associationChange`` form of one side of a pair."""
+    return parse_event(
+        event(
+            from_id,
+            kind="object.associationChange",
+            fromObjectTypeId=object_type_id(from_type),
+            toObjectTypeId=object_type_id(to_type),
+            fromObjectId=from_id,
+            toObjectId=to_id,
+            associationRemoved=False,
+            isPrimaryAssociation=False,
+        )
+    )
+
+
+def both_sides(from_type, from_id, to_type, to_id):
+    """The two events HubSpot sends for a new pair, one from each side."""
+    return [
+        associated(from_type, from_id, to_type, to_id),
+        associated(to_type, to_id, from_type, from_id),
+    ]
+
+
 def write_calls(hubspot):
     return [c for c in hubspot.calls if c["kind"] in WRITE_KINDS]
+
+
+def association_reads(hubspot):
+    """(from type id, to type id, sorted ids) of every batch association read."""
+    reads = []
+    for call in hubspot.calls:
+        if call["kind"] != "associations_read":
+            continue
+        from_type, to_type = call["path"].split("/")[-4:-2]
+        ids = sorted(int(item["id"]) for item in call["body"]["inputs"])
+        reads.append((object_type_id(from_type), object_type_id(to_type), ids))
+    return reads
+
+
+def searched_values(hubspot):
+    """The values of each search's IN filters (one a group), in the order sent."""
+    return [
+        [
+            value
+            for group in call["body"]["filterGroups"]
+            for value in group["filters"][0]["values"]
+        ]
+        for call in hubspot.calls
+        if call["kind"] == "search"
+    ]
 
 
 def sent_inputs(hubspot):
@@ -437,6 +486,137 @@ def test_a_new_company_finds_its_contacts_by_email_domain(hubspot, make_planner)
     assert hubspot.associations("contact", dee, "company") == {}
 
 
+@pytest.mark.parametrize("api_version", API_VERSIONS)
+def test_a_contact_finds_its_company_stored_with_www(
+    hubspot, make_planner, api_version
+):
+    late = hubspot.add_record("company", {"domain": "www.Late.example"})
+    contact = hubspot.add_record("contact", {"email": "lea@late.example"})
+    new = created(contact)
+
+    result = make_planner(api_version=api_version).run([new])
+
+    assert result.outcomes == {
+        new.dedup_key: applied(
+            1,
+            rules=[CONTACT_RULE],
+            written=[f"contact:{contact}→company:{late} type=1,279"],
+        )
+    }
+    # One search asks for both forms of the domain.
+    assert searched_values(hubspot) == [["late.example", "www.late.example"]]
+    assert hubspot.associations("contact", contact, "company") == {
+        late: {CONTACT_COMPANY, CONTACT_COMPANY_PRIMARY}
+    }
+
+
+def test_a_contact_matches_a_company_with_and_one_without_www(hubspot, make_planner):
+    bare = hubspot.add_record("company", {"domain": "acme.com"})
+    with_www = hubspot.add_record("company", {"domain": "WWW.acme.com"})
+    elsewhere = hubspot.add_record("company", {"domain": "www.www.acme.com"})
+    contact = hubspot.add_record("contact", {"email": "ann@www.acme.com"})
+    new = created(contact)
+
+    result = make_planner().run([new])
+
+    assert result.outcomes[new.dedup_key]["created"] == 2
+    assert hubspot.associations("contact", contact, "company") == {
+        bare: {CONTACT_COMPANY},
+        with_www: {CONTACT_COMPANY},
+    }
+    assert hubspot.associations("company", elsewhere, "contact") == {}
+
+
+def test_a_website_host_matches_a_company_stored_with_www(
+    hubspot, make_planner, rules_file
+):
+    rules = rules_file(
+        """
+        [[rule]]
+        name = "contact-company-by-website"
+        kind = "match"
+        from = "contact"
+        to = "company"
+        property = "website"
+        transform = "url_host"
+        to_property = "domain"
+        """
+    )
+    stored_with_www = hubspot.add_record("company", {"domain": "www.acme.com"})
+    contact = hubspot.add_record("contact", {"website": "acme.com"})
+    new = created(contact)
+
+    result = make_planner(rules).run([new])
+
+    assert result.outcomes[new.dedup_key]["written"] == [
+        f"contact:{contact}→company:{stored_with_www} type=279"
+    ]
+
+
+def test_a_new_company_finds_contacts_whose_email_host_has_www(hubspot, make_planner):
+    ann = hubspot.add_record("contact", {"email": "ann@www.acme.com"})
+    bob = hubspot.add_record("contact", {"email": "bob@acme.com"})
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    new = created(acme, "company")
+
+    result = make_planner().run([new])
+
+    assert result.outcomes[new.dedup_key]["created"] == 2
+    assert searched_values(hubspot) == [["acme.com", "www.acme.com"]]
+    assert set(hubspot.associations("company", acme, "contact")) == {ann, bob}
+
+
+def test_values_of_other_transforms_are_searched_without_a_www_form(
+    hubspot, make_planner, rules_file
+):
+    rules = rules_file(
+        """
+        [[rule]]
+        name = "contact-company-by-code"
+        kind = "match"
+        from = "contact"
+        to = "company"
+        property = "company_code"
+        transform = "lower"
+        to_property = "code"
+        """
+    )
+    hubspot.add_record("company", {"code": "www.acme"})
+    contact = hubspot.add_record("contact", {"company_code": "ACME"})
+    new = created(contact)
+
+    result = make_planner(rules).run([new])
+
+    assert searched_values(hubspot) == [["acme"]]
+    assert result.recheck == [new]
+
+
+def test_a_domain_and_its_www_form_are_searched_in_the_same_call(hubspot, make_planner):
+    # 60 domains make 120 values: more than one IN filter takes (VALUES_PER_FILTER).
+    companies = {}
+    for n in range(60):
+        domain = f"firm{n:02}.example"
+        stored = f"www.{domain}" if n % 2 else domain
+        companies[domain] = hubspot.add_record("company", {"domain": stored})
+    contacts = {
+        hubspot.add_record("contact", {"email": f"someone@{domain}"}): company
+        for domain, company in companies.items()
+    }
+
+    result = make_planner().run([created(contact) for contact in contacts])
+
+    [search] = [call for call in hubspot.calls if call["kind"] == "search"]
+    groups = [g["filters"][0]["values"] for g in search["body"]["filterGroups"]]
+    assert [len(values) for values in groups] == [100, 20]
+    for values in groups:
+        assert {f"www.{v}" for v in values if not v.startswith("www.")} == {
+            v for v in values if v.startswith("www.")
+        }
+    assert result.created == 60
+    for contact, company in contacts.items():
+        assert set(hubspot.associations("contact", contact, "company")) == {company}
+
+
 def test_a_new_free_mail_company_finds_no_contacts(hubspot, make_planner):
     hubspot.add_record("contact", {"email": "ann@gmail.com"})
     company = hubspot.add_record("company", {"domain": "gmail.com"})
@@ -592,9 +772,7 @@ def test_a_contact_associated_with_a_deal_later_replans_the_deal(
         changes[0].dedup_key: applied(
             1, rules=[DEAL_RULE], written=[f"deal:{deal}→company:{acme} type=5,341"]
         ),
-        changes[1].dedup_key: applied(
-            1, rules=[DEAL_RULE], written=[f"deal:{deal}→company:{acme} type=5,341"]
-        ),
+        changes[1].dedup_key: applied(present=1, rules=[DEAL_RULE]),
     }
     assert result.created == 1
     assert len(write_calls(hubspot)) == 1
@@ -603,14 +781,221 @@ def test_a_contact_associated_with_a_deal_later_replans_the_deal(
     }
 
 
+@pytest.mark.parametrize("api_version", API_VERSIONS)
+def test_a_contact_that_gets_a_company_later_gives_it_to_its_deals(
+    hubspot, make_planner, api_version
+):
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    deal = hubspot.add_record("deal", {"dealname": "Renewal"})
+    hubspot.associate("deal", deal, "contact", ann)
+    planned = created(deal, "deal")
+    first = make_planner(api_version=api_version).run([planned])
+    assert first.outcomes == {planned.dedup_key: skipped("no_candidate")}
+    # A user associates the contact with a company of another domain; HubSpot
+    # tells both sides.
+    partner = hubspot.add_record("company", {"domain": "partner.example"})
+    hubspot.associate("contact", ann, "company", partner)
+    changes = both_sides("contact", ann, "company", partner)
+    hubspot.reset_counters()
+
+    result = make_planner(api_version=api_version).run(changes)
+
+    assert result.outcomes == {
+        changes[0].dedup_key: applied(
+            1, rules=[DEAL_RULE], written=[f"deal:{deal}→company:{partner} type=5,341"]
+        ),
+        changes[1].dedup_key: applied(present=1, rules=[DEAL_RULE]),
+    }
+    assert result.created == 1
+    # The contact's deals, then the deal planned as a re-planned deal is.
+    assert association_reads(hubspot) == [
+        (CONTACT, DEAL, [ann]),
+        (DEAL, CONTACT, [deal]),
+        (CONTACT, COMPANY, [ann]),
+        (DEAL, COMPANY, [deal]),
+    ]
+    assert len(write_calls(hubspot)) == 1
+    assert hubspot.associations("deal", deal, "company") == {
+        partner: {DEAL_COMPANY, DEAL_COMPANY_PRIMARY}
+    }
+
+
+def test_a_company_created_later_reaches_the_deals_of_the_contacts_it_finds(
+    hubspot, make_planner
+):
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    bob = hubspot.add_record("contact", {"email": "bob@acme.com"})
+    cy = hubspot.add_record("contact", {"email": "cy@globex.example"})
+    globex = hubspot.add_record("company", {"domain": "globex.example"})
+    hubspot.associate("contact", cy, "company", globex)
+    anns = hubspot.add_record("deal", {"dealname": "Ann's"})
+    shared = hubspot.add_record("deal", {"dealname": "Shared"})
+    mixed = hubspot.add_record("deal", {"dealname": "Mixed"})
+    hubspot.associate("deal", anns, "contact", ann)
+    for contact in (ann, bob):
+        hubspot.associate("deal", shared, "contact", contact)
+    for contact in (bob, cy):
+        hubspot.associate("deal", mixed, "contact", contact)
+    hubspot.associate("deal", mixed, "company", globex, [DEAL_COMPANY_PRIMARY])
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    make_planner().run([created(acme, "company")])
+    # The reverse rule's writes come back as generic changes, from both sides.
+    changes = [
+        generic_associated(from_type, from_id, to_type, to_id)
+        for contact in (ann, bob)
+        for from_type, from_id, to_type, to_id in (
+            ("contact", contact, "company", acme),
+            ("company", acme, "contact", contact),
+        )
+    ]
+    hubspot.reset_counters()
+
+    result = make_planner().run(changes)
+
+    # The first change of each deal's contact counts what its deals got.
+    assert [result.outcomes[c.dedup_key] for c in changes] == [
+        applied(
+            2,
+            rules=[DEAL_RULE],
+            written=[
+                f"deal:{anns}→company:{acme} type=5,341",
+                f"deal:{shared}→company:{acme} type=5,341",
+            ],
+        ),
+        applied(present=2, rules=[DEAL_RULE]),
+        # Bob's deals: the shared one, and the mixed one with both companies.
+        applied(
+            1,
+            2,
+            rules=[DEAL_RULE],
+            written=[f"deal:{mixed}→company:{acme} type=341"],
+        ),
+        applied(present=3, rules=[DEAL_RULE]),
+    ]
+    assert result.created == 3
+    # One read of both contacts' deals for the whole plan.
+    assert association_reads(hubspot)[0] == (CONTACT, DEAL, sorted([ann, bob]))
+    assert hubspot.associations("deal", anns, "company") == {
+        acme: {DEAL_COMPANY, DEAL_COMPANY_PRIMARY}
+    }
+    assert hubspot.associations("deal", shared, "company") == {
+        acme: {DEAL_COMPANY, DEAL_COMPANY_PRIMARY}
+    }
+    # A deal's Primary stays where it is.
+    assert hubspot.associations("deal", mixed, "company") == {
+        globex: {DEAL_COMPANY, DEAL_COMPANY_PRIMARY},
+        acme: {DEAL_COMPANY},
+    }
+    assert hubspot.redundant_writes == 0
+
+
+def test_a_contact_without_deals_that_gets_a_company_has_no_candidate(
+    hubspot, make_planner
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    hubspot.associate("contact", ann, "company", acme)
+    changes = both_sides("contact", ann, "company", acme)
+
+    result = make_planner().run(changes)
+
+    assert result.outcomes == {c.dedup_key: skipped("no_candidate") for c in changes}
+    assert association_reads(hubspot) == [(CONTACT, DEAL, [ann])]
+    assert hubspot.call_count() == 1
+
+
+VIA_CONTACTS_TO_TICKETS = """
+[[rule]]
+name = "ticket-company-via-contact"
+kind = "via"
+from = "ticket"
+through = "contact"
+to = "company"
+"""
+
+
+def test_every_via_rule_through_the_contact_replans_its_records(
+    hubspot, make_planner, rules_file
+):
+    rules = rules_file(DEFAULT_RULES_TOML + VIA_CONTACTS_TO_TICKETS)
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    deal = hubspot.add_record("deal", {"dealname": "Renewal"})
+    ticket = hubspot.add_record("ticket", {"subject": "Broken"})
+    hubspot.associate("deal", deal, "contact", ann)
+    hubspot.associate("ticket", ticket, "contact", ann)
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    hubspot.associate("contact", ann, "company", acme)
+    change = associated("company", acme, "contact", ann)
+
+    result = make_planner(rules).run([change])
+
+    assert result.outcomes[change.dedup_key] == applied(
+        2,
+        rules=[DEAL_RULE, "ticket-company-via-contact"],
+        written=[
+            f"deal:{deal}→company:{acme} type=5,341",
+            f"ticket:{ticket}→company:{acme} type=339",
+        ],
+    )
+    assert (CONTACT, DEAL, [ann]) in association_reads(hubspot)
+    assert (CONTACT, TICKET, [ann]) in association_reads(hubspot)
+
+
+def test_a_contacts_change_replans_only_the_deals_a_rules_filters_let_through(
+    hubspot, make_planner, rules_file
+):
+    rules = rules_file(
+        """
+        [[rule]]
+        name = "won-deal-companies-via-contacts"
+        kind = "via"
+        from = "deal"
+        through = "contact"
+        to = "company"
+
+        [rule.when]
+        dealstage = "closedwon"
+        """
+    )
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    won = hubspot.add_record("deal", {"dealstage": "closedwon"})
+    open_deal = hubspot.add_record("deal", {"dealstage": "appointmentscheduled"})
+    for deal in (won, open_deal):
+        hubspot.associate("deal", deal, "contact", ann)
+    bob = hubspot.add_record("contact", {"email": "bob@acme.com"})
+    hubspot.associate("deal", open_deal, "contact", bob)
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    for contact in (ann, bob):
+        hubspot.associate("contact", contact, "company", acme)
+    changes = [
+        associated("contact", ann, "company", acme),
+        associated("contact", bob, "company", acme),
+    ]
+
+    result = make_planner(rules).run(changes)
+
+    assert result.outcomes == {
+        changes[0].dedup_key: applied(
+            1,
+            rules=["won-deal-companies-via-contacts"],
+            written=[f"deal:{won}→company:{acme} type=341"],
+        ),
+        changes[1].dedup_key: skipped("filtered_out"),
+    }
+    assert hubspot.associations("deal", open_deal, "company") == {}
+
+
 def test_association_changes_no_rule_feeds_are_skipped(hubspot, make_planner):
     acme = hubspot.add_record("company", {"domain": "acme.com"})
     contact = hubspot.add_record("contact", {"email": "ann@acme.com"})
     deal = hubspot.add_record("deal", {"dealname": "Renewal"})
+    hubspot.associate("deal", deal, "contact", contact)
     changes = [
         associated("deal", deal, "contact", contact, removed=True),
-        associated("contact", contact, "company", acme),
+        associated("contact", contact, "company", acme, removed=True),
+        associated("company", acme, "contact", contact, removed=True),
         associated("deal", deal, "company", acme),
+        associated("company", acme, "deal", deal),
     ]
 
     result = make_planner().run(changes)
@@ -972,6 +1357,94 @@ def test_every_event_ends_in_one_outcome_or_a_recheck(hubspot, make_planner):
     assert result.api_calls == hubspot.call_count()
 
 
+@pytest.mark.parametrize("company_first", [True, False])
+def test_a_pair_two_events_want_counts_as_created_for_the_first_of_them(
+    hubspot, make_planner, company_first
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    bob = hubspot.add_record("contact", {"email": "bob@acme.com"})
+    company_event = created(acme, "company")
+    contact_events = [created(ann), created(bob)]
+    events = (
+        [company_event, *contact_events]
+        if company_first
+        else [*contact_events, company_event]
+    )
+
+    result = make_planner().run(events)
+
+    written = {
+        ann: f"contact:{ann}→company:{acme} type=1,279",
+        bob: f"contact:{bob}→company:{acme} type=1,279",
+    }
+    if company_first:
+        expected = {
+            company_event: applied(2, rules=[CONTACT_RULE], written=written.values()),
+            contact_events[0]: applied(present=1, rules=[CONTACT_RULE]),
+            contact_events[1]: applied(present=1, rules=[CONTACT_RULE]),
+        }
+    else:
+        expected = {
+            company_event: applied(present=2, rules=[CONTACT_RULE]),
+            contact_events[0]: applied(1, rules=[CONTACT_RULE], written=[written[ann]]),
+            contact_events[1]: applied(1, rules=[CONTACT_RULE], written=[written[bob]]),
+        }
+    assert result.outcomes == {e.dedup_key: o for e, o in expected.items()}
+    assert result.created == 2
+    assert sum(o["created"] for o in result.outcomes.values()) == result.created
+
+
+def test_a_pair_is_created_for_the_first_event_that_ends_applied(hubspot, make_planner):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    ann = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    bob = hubspot.add_record("contact", {"email": "bob@acme.com"})
+    company_event, ann_event = created(acme, "company"), created(ann)
+    # Ann's pair is written, Bob's waits for a retry: so does the company's event.
+    hubspot.fail_next = [
+        (
+            "associations_create",
+            207,
+            {},
+            {
+                "status": "COMPLETE",
+                "results": [
+                    {
+                        "fromObjectTypeId": CONTACT,
+                        "fromObjectId": ann,
+                        "toObjectTypeId": COMPANY,
+                        "toObjectId": acme,
+                        "labels": ["Primary"],
+                    }
+                ],
+                "errors": [
+                    {
+                        **input_error(
+                            "INTERNAL_ERROR",
+                            "Try again.",
+                            {"fromObjectId": [str(bob)], "toObjectId": [str(acme)]},
+                        ),
+                        "status": "503",
+                    }
+                ],
+                "numErrors": 1,
+            },
+        )
+    ]
+
+    result = make_planner().run([company_event, ann_event])
+
+    assert [retried for retried, _ in result.retry] == [company_event]
+    assert result.outcomes == {
+        ann_event.dedup_key: applied(
+            1,
+            rules=[CONTACT_RULE],
+            written=[f"contact:{ann}→company:{acme} type=1,279"],
+        )
+    }
+    assert result.created == 1
+
+
 def test_a_dry_run_plans_everything_and_writes_nothing(hubspot, make_planner):
     acme = hubspot.add_record("company", {"domain": "acme.com"})
     contact = hubspot.add_record("contact", {"email": "ann@acme.com"})
@@ -1210,19 +1683,20 @@ def warm_label_cache(planner, from_type, to_type):
     )
 
 
+@pytest.mark.parametrize("domains", [20, 100])
 @pytest.mark.parametrize("api_version", API_VERSIONS)
 def test_a_hundred_contact_creations_cost_at_most_five_calls(
-    hubspot, make_planner, api_version
+    hubspot, make_planner, api_version, domains
 ):
     companies = [
         hubspot.add_record("company", {"domain": f"company{n}.example"})
-        for n in range(20)
+        for n in range(domains)
     ]
     contacts = {}
     for n in range(100):
-        domain = ("WWW." if n % 3 == 0 else "") + f"Company{n % 20}.example"
+        domain = ("WWW." if n % 3 == 0 else "") + f"Company{n % domains}.example"
         contact = hubspot.add_record("contact", {"email": f"person{n}@{domain}"})
-        contacts[contact] = companies[n % 20]
+        contacts[contact] = companies[n % domains]
     planner = make_planner(api_version=api_version)
     warm_label_cache(planner, CONTACT, COMPANY)
     hubspot.reset_counters()
@@ -1270,3 +1744,58 @@ def test_fifty_deals_get_their_contacts_companies_in_a_handful_of_calls(
         assert hubspot.associations("deal", deal, "company") == {
             company: {DEAL_COMPANY, DEAL_COMPANY_PRIMARY}
         }
+
+
+def test_the_echo_of_its_own_contact_company_writes_costs_one_read(
+    hubspot, make_planner
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    contacts = [
+        hubspot.add_record("contact", {"email": f"person{n}@acme.com"})
+        for n in range(50)
+    ]
+    make_planner().run([created(contact) for contact in contacts])
+    echoes = [e for c in contacts for e in both_sides("contact", c, "company", acme)]
+    hubspot.reset_counters()
+
+    result = make_planner().run(echoes)
+
+    assert result.outcomes == {e.dedup_key: skipped("no_candidate") for e in echoes}
+    assert association_reads(hubspot) == [(CONTACT, DEAL, sorted(contacts))]
+    assert hubspot.call_count() == 1
+
+
+def test_the_echo_of_its_own_writes_replans_deals_without_writing(
+    hubspot, make_planner
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    contacts, deals = [], []
+    for n in range(50):
+        contact = hubspot.add_record("contact", {"email": f"person{n}@acme.com"})
+        deal = hubspot.add_record("deal", {"dealname": f"Deal {n}"})
+        hubspot.associate("deal", deal, "contact", contact)
+        contacts.append(contact)
+        deals.append(deal)
+    first = make_planner().run(
+        [created(c) for c in contacts] + [created(d, "deal") for d in deals]
+    )
+    assert first.created == 100
+    echoes = [e for c in contacts for e in both_sides("contact", c, "company", acme)]
+    hubspot.reset_counters()
+
+    result = make_planner().run(echoes)
+
+    assert result.outcomes == {
+        e.dedup_key: applied(present=1, rules=[DEAL_RULE]) for e in echoes
+    }
+    # The contacts' deals, then the deals' contacts, the contacts' companies and
+    # the deals' companies: the reads of a re-planned deal, once for them all.
+    assert association_reads(hubspot) == [
+        (CONTACT, DEAL, contacts),
+        (DEAL, CONTACT, deals),
+        (CONTACT, COMPANY, contacts),
+        (DEAL, COMPANY, deals),
+    ]
+    assert hubspot.call_count() == 4
+    assert write_calls(hubspot) == []
+    assert hubspot.redundant_writes == 0

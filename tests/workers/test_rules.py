@@ -391,6 +391,53 @@ def test_an_association_between_a_via_rules_ends_replans_its_record():
     assert rules.replan_triggers(DEAL, COMPANY) == []
 
 
+def test_an_association_on_a_via_rules_second_hop_replans_through_its_record():
+    rules = load_rules(None)
+    deal_rule = rules.rules[1]
+
+    assert rules.replan_through_triggers(CONTACT, COMPANY) == [(deal_rule, "from")]
+    assert rules.replan_through_triggers(COMPANY, CONTACT) == [(deal_rule, "to")]
+    assert rules.replan_through_triggers(DEAL, CONTACT) == []
+    assert rules.replan_through_triggers(DEAL, COMPANY) == []
+
+
+def test_each_via_rule_through_a_type_is_replanned_by_its_second_hop(rules_file):
+    rules = load_rules(
+        rules_file(
+            """
+            [[rule]]
+            name = "deal-companies-via-contacts"
+            kind = "via"
+            from = "deal"
+            through = "contact"
+            to = "company"
+
+            [[rule]]
+            name = "ticket-companies-via-contacts"
+            kind = "via"
+            from = "ticket"
+            through = "contact"
+            to = "company"
+
+            [[rule]]
+            name = "line-item-companies-via-deals"
+            kind = "via"
+            from = "line_item"
+            through = "deal"
+            to = "company"
+            """
+        )
+    )
+    deals, tickets, line_items = rules.rules
+
+    assert rules.replan_through_triggers(COMPANY, CONTACT) == [
+        (deals, "to"),
+        (tickets, "to"),
+    ]
+    assert rules.replan_through_triggers(DEAL, COMPANY) == [(line_items, "from")]
+    assert rules.replan_triggers(DEAL, COMPANY) == []
+
+
 # -- bad files ------------------------------------------------------------------
 
 
