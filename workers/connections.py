@@ -41,6 +41,11 @@ def celery_app(settings, *, role: str) -> Celery:
         # passed, at the next sweep; kombu would sweep only every tenth tick.
         "unacked_restore_interval": settings.unacked_restore_seconds,
         "unacked_restore_throttle": 1,
+        # One worker sweeps at a time, under a lock. A worker killed during its
+        # sweep would hold it for kombu's 5 minutes, on top of the visibility
+        # timeout; held one interval, it costs one sweep. (Sweeps that overlap
+        # are harmless: each message is restored in a transaction.)
+        "unacked_mutex_expire": max(settings.unacked_restore_seconds, 1),
     }
     app.conf.update(
         task_default_queue=QUEUE,

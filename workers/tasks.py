@@ -125,6 +125,8 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         labels=context.labels,
         redis=context.redis,
         claim_seconds=context.settings.write_claim_seconds,
+        # A delivery of the same message again takes back what its first claimed.
+        claim_owner=task_id,
         dry_run=context.settings.dry_run,
     )
     calls_before = client.api_calls
@@ -138,13 +140,13 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         _retry(context, events, exc, meta)
         return
     except (PermanentError, RulesError) as exc:
-        reason = (
-            "configuration_error"
-            if isinstance(exc, RulesError)
-            else ("hubspot_refused")
-        )
+        if isinstance(exc, RulesError):
+            reason, details = "configuration_error", str(exc)
+        else:
+            # HubSpot's status and category say what to fix before a replay.
+            reason, details = "hubspot_refused", exc.describe()
         for event in events:
-            _dead_letter(context, event, reason, str(exc), task_id, meta)
+            _dead_letter(context, event, reason, details, task_id, meta)
         return
     except Exception:
         details = traceback.format_exc()
