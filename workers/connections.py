@@ -55,6 +55,9 @@ def celery_app(settings, *, role: str) -> Celery:
         task_ignore_result=True,
         enable_utc=True,
         broker_connection_retry_on_startup=True,
+        # A worker waits out a Redis outage of any length rather than exiting
+        # after Celery's default 100 tries (about 50 minutes).
+        broker_connection_max_retries=None,
         # A task that outlives the visibility timeout would be handed out twice.
         task_time_limit=settings.task_time_limit_seconds,
         task_acks_late=True,

@@ -113,6 +113,16 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
             _dead_letter(context, event, "unknown_portal", str(exc), task_id, meta)
         log.warning("unknown_portal", portal=portal_id, events=len(events))
         return
+    except TransientError as exc:
+        # Learning the token's portal met a HubSpot hiccup: try again later.
+        _retry(context, events, exc, meta)
+        return
+    except PermanentError as exc:
+        for event in events:
+            _dead_letter(
+                context, event, "hubspot_refused", exc.describe(), task_id, meta
+            )
+        return
     if client is None:
         for event in events:
             _record(context, event, task_id, SKIPPED, reason="no_credentials")

@@ -84,7 +84,14 @@ def make_planner(hubspot, redis):
     """A planner of the fake's portal; the defaults unless ``rules`` is given."""
     clients = []
 
-    def make(rules=None, *, api_version="2026-03", dry_run=False, client=HubSpotClient):
+    def make(
+        rules=None,
+        *,
+        api_version="2026-03",
+        dry_run=False,
+        client=HubSpotClient,
+        claim_owner=None,
+    ):
         clients.append(
             client(
                 token=hubspot.token,
@@ -100,6 +107,7 @@ def make_planner(hubspot, redis):
             labels=LabelResolver(redis, refresh_seconds=3600),
             redis=redis,
             claim_seconds=600,
+            claim_owner=claim_owner,
             dry_run=dry_run,
         )
 
@@ -1568,6 +1576,37 @@ def test_a_failed_write_releases_its_claim_for_the_retry(hubspot, make_planner):
     assert hubspot.associations("contact", contact, "company") == {}
 
     again = make_planner().run([new])
+    assert again.outcomes[new.dedup_key]["created"] == 1
+    assert hubspot.associations("contact", contact, "company") == {
+        acme: {CONTACT_COMPANY, CONTACT_COMPANY_PRIMARY}
+    }
+
+
+class WorkerDied(BaseException):
+    """The process ends in the middle of a call, as under SIGKILL."""
+
+
+class DyingClient(HubSpotClient):
+    def create_associations(self, *args, **kwargs):
+        raise WorkerDied
+
+
+def test_a_task_delivered_again_takes_back_the_claims_its_dead_worker_left(
+    hubspot, make_planner
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    contact = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    new = created(contact)
+    with pytest.raises(WorkerDied):
+        make_planner(client=DyingClient, claim_owner="task-1").run([new])
+
+    # Another plan leaves the pair to the claim's owner.
+    other = make_planner(claim_owner="task-2").run([new])
+    assert other.outcomes[new.dedup_key]["created"] == 0
+    assert hubspot.associations("contact", contact, "company") == {}
+
+    # The task's message, delivered again, writes it.
+    again = make_planner(claim_owner="task-1").run([new])
     assert again.outcomes[new.dedup_key]["created"] == 1
     assert hubspot.associations("contact", contact, "company") == {
         acme: {CONTACT_COMPANY, CONTACT_COMPANY_PRIMARY}

@@ -234,3 +234,17 @@ def test_replayed_work_stays_replayed_through_its_retries(context, redis_client)
     [(entry, _)] = delayed(redis_client)
     assert entry["meta"]["replay"] == "entry-1"
     assert entry["meta"]["reason"] == "retry"
+
+
+def test_a_hiccup_while_learning_the_tokens_portal_is_retried(context, redis_client):
+    def flaky(portal_id):
+        raise TransientError("account details answered 502", status=502)
+
+    context.credentials_for = flaky
+    event = contact_event(60, occurred_at=0)
+
+    run_task([event.to_json()], context=context, task_id="task-flaky", meta={})
+
+    assert context.outcomes.get(event.dedup_key) is None
+    [(entry, _)] = delayed(redis_client)
+    assert entry["reason"] == "retry"
