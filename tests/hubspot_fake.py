@@ -16,7 +16,13 @@ loopback port, and behaves as HUBSPOT.md says HubSpot does:
   of ``search_limit_per_second``;
 - with ``rate_limit_per_10s`` set, a rolling ten-second window answering 429
   ``TEN_SECONDLY_ROLLING`` beyond it; the ``X-HubSpot-RateLimit-*`` headers are
-  on every answer but a search's.
+  on every answer but a search's;
+- a daily budget that, once spent, answers 429 ``DAILY`` until the reset time its
+  usage report gives;
+- the faults of a network and of a busy HubSpot, injected by a test: error
+  answers once or until cleared, a share of 429s, calls that hang or lose their
+  connection with or without the write applied, and a per-record limit of
+  associations.
 
 Tests set state up and inspect it through the methods of :class:`FakeHubSpot`,
 never through HTTP. Every request is kept in :attr:`FakeHubSpot.calls` and, with
@@ -25,8 +31,12 @@ HubSpot's published OpenAPI documents. Creating, updating and archiving records
 and removing associations are not served: the associator never does them.
 """
 
+import contextlib
 import json
+import random
 import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -36,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from werkzeug.datastructures import MultiDict
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -135,6 +145,13 @@ SEARCH_OPERATORS = frozenset(
         "NOT_CONTAINS_TOKEN",
     }
 )
+
+TEN_SECONDLY_POLICY = "TEN_SECONDLY_ROLLING"
+DAILY_POLICY = "DAILY"
+# The faults that meet a request on its connection (FakeHubSpot.hang_next and
+# disconnect_next), as Call entries name them.
+HANG = "hang"
+DISCONNECT = "disconnect"
 
 # Category and message of the statuses a test injects with fail_next.
 FAULTS = {
@@ -300,6 +317,15 @@ class Call:
     body_error: str | None
 
 
+@dataclass(frozen=True)
+class Interruption:
+    """What meets one request on its connection: a hang or a disconnect."""
+
+    fault: str
+    seconds: float
+    applied: bool
+
+
 def build_routes() -> list[Route]:
     def route(method: str, template: str, kind: str) -> Route:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
@@ -331,6 +357,38 @@ class FakeHubSpot:
     first entry matching a request's kind is removed and answered instead),
     ``rate_limit_per_10s``, ``search_limit_per_second`` (None turns it off),
     ``search_lag_seconds``, ``max_association_write_inputs`` and ``token``.
+
+    Faults, each off by default; :meth:`clear_faults` turns every one off:
+
+    - ``fail_always``: entries shaped as ``fail_next``'s, answered to every
+      request of their kind for as long as they stay in the list (a scope the
+      app lacks, a write HubSpot keeps refusing).
+    - ``hang_next``: a list of ``(kind or None, seconds, applied)``. The first
+      request of the kind waits ``seconds`` before anything is sent back: with
+      ``applied`` it is served first (its write done) and answered late,
+      without it the connection is closed after the wait and nothing is served.
+    - ``disconnect_next``: a list of ``(kind or None, applied)``. The first
+      request of the kind has its connection closed without an answer, after
+      being served when ``applied``.
+    - :meth:`throttle`: a seeded share of calls answered 429 (a search's as its
+      secondly limit), optionally with ``Retry-After``; ``throttle_share`` and
+      ``throttle_retry_after`` hold the setting.
+    - ``rate_limit_interval_ms``: the length of the rolling window, as the
+      ``X-HubSpot-RateLimit-Interval-Milliseconds`` header says it (HubSpot's
+      is ten seconds).
+    - ``daily_limit_until`` (epoch seconds): until then the daily budget is
+      spent, every call but the usage report is answered 429 ``DAILY``, and the
+      usage report gives that moment as ``resetsAt``.
+    - ``association_limit``: the most records of one type a record may be
+      associated with; a batch write input beyond it, at either end, fails
+      alone in the answer's errors as ``VALIDATION_ERROR``.
+
+    :meth:`spend_rate_limit` counts calls made by another integration of the
+    portal in the window and the daily budget.
+
+    Every entry of :attr:`calls` also holds when it arrived (``at``, epoch
+    seconds) and the injected fault that met it (``fault``: ``hang``,
+    ``disconnect`` or None); a request answered with nothing has status None.
     """
 
     def __init__(
@@ -349,6 +407,14 @@ class FakeHubSpot:
         self.rate_limit_per_10s: int | None = None
         self.search_limit_per_second: int | None = SEARCH_LIMIT_PER_SECOND
         self.max_association_write_inputs = INPUTS_PER_ASSOCIATION_WRITE
+        self.fail_always: list[tuple] = []
+        self.hang_next: list[tuple[str | None, float, bool]] = []
+        self.disconnect_next: list[tuple[str | None, bool]] = []
+        self.throttle_share = 0.0
+        self.throttle_retry_after: str | None = None
+        self.rate_limit_interval_ms = RATE_LIMIT_INTERVAL_MS
+        self.daily_limit_until: float | None = None
+        self.association_limit: int | None = None
 
         # What tests read.
         self.calls: list[dict] = []
@@ -366,6 +432,7 @@ class FakeHubSpot:
         self._window: deque[float] = deque()
         self._search_window: deque[float] = deque()
         self._daily_calls = 0
+        self._throttle_random = random.Random(0)
         self._server = None
         self._thread: threading.Thread | None = None
         self._url: str | None = None
@@ -512,13 +579,53 @@ class FakeHubSpot:
             self._window.clear()
             self._search_window.clear()
 
+    # Faults
+
+    def throttle(
+        self, share: float, *, seed: int = 0, retry_after: int | None = None
+    ) -> None:
+        """Answer 429 to ``share`` of the calls from now on (0 stops it).
+
+        Which calls is drawn from a random sequence seeded with ``seed``, so a
+        run meets the same sequence every time; ``retry_after`` seconds go in a
+        ``Retry-After`` header. The usage report is never throttled.
+        """
+        with self._lock:
+            self.throttle_share = share
+            self.throttle_retry_after = (
+                None if retry_after is None else str(retry_after)
+            )
+            self._throttle_random = random.Random(seed)
+
+    def spend_rate_limit(self, calls: int) -> None:
+        """Count ``calls`` made just now by another integration of the portal: they
+        fill the ten-second window and the daily budget, and are not in calls."""
+        with self._lock:
+            self._window.extend([time.monotonic()] * calls)
+            self._daily_calls += calls
+
+    def clear_faults(self) -> None:
+        """Turn every injected fault and enforced limit off; keep data and counts."""
+        with self._lock:
+            self.fail_next.clear()
+            self.fail_always.clear()
+            self.hang_next.clear()
+            self.disconnect_next.clear()
+            self.throttle(0.0)
+            self.rate_limit_per_10s = None
+            self.rate_limit_interval_ms = RATE_LIMIT_INTERVAL_MS
+            self.daily_limit_until = None
+            self.association_limit = None
+
     # HTTP
 
     def _wsgi(self, environ, start_response):
         request = Request(environ)
-        return self._answer(request)(environ, start_response)
+        response = self._answer(request, environ.get("werkzeug.socket"))
+        return response(environ, start_response)
 
-    def _answer(self, request: Request) -> Response:
+    def _answer(self, request: Request, connection) -> Response:
+        arrived = time.time()
         raw = request.get_data(cache=True)
         body, body_error = None, None
         if raw:
@@ -529,6 +636,13 @@ class FakeHubSpot:
         route, params = _match(request.method, request.path)
         kind = route.kind if route else "unknown"
         headers: dict[str, str] = {}
+
+        with self._lock:
+            interruption = self._pop_interruption(kind)
+            if interruption is not None and not interruption.applied:
+                self._record(request, kind, body, None, arrived, interruption.fault)
+        if interruption is not None and not interruption.applied:
+            _interrupt(interruption, connection)
 
         with self._lock:
             try:
@@ -545,16 +659,8 @@ class FakeHubSpot:
                 self.internal_errors.append(f"{request.method} {request.path}: {exc!r}")
                 status, payload = 500, error_body(f"fake failed: {exc!r}", "ERROR")
 
-            self.calls.append(
-                {
-                    "method": request.method,
-                    "path": request.path,
-                    "query": request.args.to_dict(flat=False),
-                    "kind": kind,
-                    "status": status,
-                    "body": body,
-                }
-            )
+            fault = None if interruption is None else interruption.fault
+            self._record(request, kind, body, status, arrived, fault)
             self._log(request, kind, body, status)
 
         response = Response(status=status)
@@ -564,6 +670,8 @@ class FakeHubSpot:
         response.headers.update(headers)
         if isinstance(payload, dict) and "correlationId" in payload:
             response.headers["X-HubSpot-Correlation-Id"] = payload["correlationId"]
+        if interruption is not None:
+            _interrupt(interruption, connection)
         return response
 
     def _refuse_early(self, request, route, headers) -> tuple[int, Any] | None:
@@ -588,6 +696,9 @@ class FakeHubSpot:
             headers.update(fault_headers)
             return status, _fault_body(status, body_fields)
 
+        if route.kind != "api_usage":
+            self._refuse_if_daily_spent(route.kind, headers)
+            self._refuse_if_throttled(route.kind, headers)
         if route.kind == "search":
             self._count_search()
         else:
@@ -601,7 +712,46 @@ class FakeHubSpot:
             if wanted_kind is None or wanted_kind == kind:
                 del self.fail_next[index]
                 return status, dict(headers or {}), dict(*body_fields)
+        for wanted_kind, status, headers, *body_fields in self.fail_always:
+            if wanted_kind is None or wanted_kind == kind:
+                return status, dict(headers or {}), dict(*body_fields)
         return None
+
+    def _pop_interruption(self, kind: str) -> Interruption | None:
+        for index, (wanted_kind, seconds, applied) in enumerate(self.hang_next):
+            if wanted_kind is None or wanted_kind == kind:
+                del self.hang_next[index]
+                return Interruption(HANG, float(seconds), bool(applied))
+        for index, (wanted_kind, applied) in enumerate(self.disconnect_next):
+            if wanted_kind is None or wanted_kind == kind:
+                del self.disconnect_next[index]
+                return Interruption(DISCONNECT, 0.0, bool(applied))
+        return None
+
+    def _daily_limit_reached(self) -> bool:
+        until = self.daily_limit_until
+        return until is not None and time.time() < until
+
+    def _refuse_if_daily_spent(self, kind: str, headers: dict[str, str]) -> None:
+        if not self._daily_limit_reached():
+            return
+        self.rate_limited += 1
+        if kind != "search":
+            self._rate_limit_headers(headers, daily_remaining=0)
+        raise RateLimitedError("daily", DAILY_POLICY)
+
+    def _refuse_if_throttled(self, kind: str, headers: dict[str, str]) -> None:
+        if not self.throttle_share:
+            return
+        if self._throttle_random.random() >= self.throttle_share:
+            return
+        self.rate_limited += 1
+        if self.throttle_retry_after is not None:
+            headers["Retry-After"] = self.throttle_retry_after
+        if kind == "search":
+            raise RateLimitedError("secondly", "SECONDLY")
+        self._rate_limit_headers(headers, remaining=0)
+        raise RateLimitedError("ten_secondly_rolling", TEN_SECONDLY_POLICY)
 
     def _count_search(self) -> None:
         """Search has a limit of its own, per second, and no rate-limit headers."""
@@ -619,7 +769,7 @@ class FakeHubSpot:
     def _count_call(self, headers: dict[str, str]) -> None:
         moment = time.monotonic()
         window = self._window
-        while window and window[0] <= moment - RATE_LIMIT_INTERVAL_MS / 1000:
+        while window and window[0] <= moment - self.rate_limit_interval_ms / 1000:
             window.popleft()
         limit = self.rate_limit_per_10s
         refused = limit is not None and len(window) >= limit
@@ -627,23 +777,51 @@ class FakeHubSpot:
             window.append(moment)
             self._daily_calls += 1
 
+        self._rate_limit_headers(headers)
+        if refused:
+            self.rate_limited += 1
+            raise RateLimitedError("ten_secondly_rolling", TEN_SECONDLY_POLICY)
+
+    def _rate_limit_headers(
+        self,
+        headers: dict[str, str],
+        *,
+        remaining: int | None = None,
+        daily_remaining: int | None = None,
+    ) -> None:
+        """The ``X-HubSpot-RateLimit-*`` headers; by default as the window and
+        the daily budget stand."""
+        limit = self.rate_limit_per_10s
         shown = DEFAULT_RATE_LIMIT_PER_10S if limit is None else limit
+        if remaining is None:
+            remaining = max(shown - len(self._window), 0)
+        if daily_remaining is None:
+            daily_remaining = max(DAILY_LIMIT - self._daily_calls, 0)
         headers.update(
             {
                 "X-HubSpot-RateLimit-Max": str(shown),
-                "X-HubSpot-RateLimit-Remaining": str(max(shown - len(window), 0)),
+                "X-HubSpot-RateLimit-Remaining": str(remaining),
                 "X-HubSpot-RateLimit-Interval-Milliseconds": str(
-                    RATE_LIMIT_INTERVAL_MS
+                    self.rate_limit_interval_ms
                 ),
                 "X-HubSpot-RateLimit-Daily": str(DAILY_LIMIT),
-                "X-HubSpot-RateLimit-Daily-Remaining": str(
-                    max(DAILY_LIMIT - self._daily_calls, 0)
-                ),
+                "X-HubSpot-RateLimit-Daily-Remaining": str(daily_remaining),
             }
         )
-        if refused:
-            self.rate_limited += 1
-            raise RateLimitedError("ten_secondly_rolling", "TEN_SECONDLY_ROLLING")
+
+    def _record(self, request, kind, body, status, arrived, fault) -> None:
+        self.calls.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.args.to_dict(flat=False),
+                "kind": kind,
+                "status": status,
+                "body": body,
+                "at": arrived,
+                "fault": fault,
+            }
+        )
 
     def _log(self, request: Request, kind: str, body: Any, status: int) -> None:
         if self.log_path is None:
@@ -826,6 +1004,7 @@ class FakeHubSpot:
             specs = {_association_spec(t) for t in types}
             error = self._undefined(a, b, from_id, to_id, specs, definitions)
             error = error or self._missing(a, from_id, b, to_id)
+            error = error or self._over_limit(a, from_id, b, to_id, writes)
             if error is not None:
                 errors.append(error)
             else:
@@ -850,6 +1029,7 @@ class FakeHubSpot:
             from_id, to_id = _pair_ids(item)
             error = self._no_default(a, b, from_id, to_id, unlabeled)
             error = error or self._missing(a, from_id, b, to_id)
+            error = error or self._over_limit(a, from_id, b, to_id, writes)
             if error is not None:
                 errors.append(error)
             else:
@@ -932,15 +1112,21 @@ class FakeHubSpot:
     def _serve_api_usage(self, call: Call) -> tuple[int, Any]:
         moment = datetime.now(UTC)
         midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        resets_at, usage = midnight + timedelta(days=1), self._daily_calls
+        if self._daily_limit_reached():
+            # A millisecond on, so that HubSpot's millisecond form never says a
+            # moment before the reset.
+            until = datetime.fromtimestamp(self.daily_limit_until, UTC)
+            resets_at, usage = until + timedelta(milliseconds=1), DAILY_LIMIT
         return 200, {
             "results": [
                 {
                     "name": "api-calls-daily",
                     "usageLimit": DAILY_LIMIT,
-                    "currentUsage": self._daily_calls,
+                    "currentUsage": usage,
                     "collectedAt": timestamp(moment),
                     "fetchStatus": "SUCCESS",
-                    "resetsAt": timestamp(midnight + timedelta(days=1)),
+                    "resetsAt": timestamp(resets_at),
                 }
             ]
         }
@@ -1123,6 +1309,29 @@ class FakeHubSpot:
                 )
         return None
 
+    def _over_limit(self, a, from_id, b, to_id, writes) -> dict | None:
+        """The error of an input that would give either end more associations
+        than ``association_limit``, counting the batch's inputs before it."""
+        limit = self.association_limit
+        from_id, to_id = int(from_id), int(to_id)
+        if limit is None or to_id in self._links.get((a, from_id, b), {}):
+            return None
+        ends = (
+            (a, from_id, b, {t for f, t, _ in writes if f == from_id}),
+            (b, to_id, a, {f for f, t, _ in writes if t == to_id}),
+        )
+        for record_type, record_id, other_type, batch in ends:
+            linked = set(self._links.get((record_type, record_id, other_type), {}))
+            if len(linked | batch) >= limit:
+                return input_error(
+                    "VALIDATION_ERROR",
+                    f"{object_label(record_type)} {record_id} has reached the "
+                    f"limit of {limit} associations with {object_label(other_type)} "
+                    "records.",
+                    {"fromObjectId": [str(from_id)], "toObjectId": [str(to_id)]},
+                )
+        return None
+
     def _count_redundant(self, a, b, writes) -> None:
         """Count the inputs that add nothing: every type they send the pair had
         already, or the call names the pair twice.
@@ -1159,6 +1368,30 @@ def _match(method: str, path: str) -> tuple[Route | None, dict[str, str]]:
         if route.method == method and (found := route.pattern.fullmatch(path)):
             return route, found.groupdict()
     return None, {}
+
+
+def _interrupt(interruption: Interruption, connection) -> None:
+    """Wait as the fault says; then answer late (a hang after serving) or drop
+    the connection."""
+    time.sleep(interruption.seconds)
+    if interruption.fault == HANG and interruption.applied:
+        return
+    _drop(connection)
+
+
+def _drop(connection) -> NoReturn:
+    """Close the request's connection without an answer.
+
+    werkzeug takes the ConnectionError raised here for a client that went away
+    and sends nothing; with linger 0 the final close is a reset.
+    """
+    if connection is not None:
+        with contextlib.suppress(OSError):
+            connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            connection.shutdown(socket.SHUT_RDWR)
+    raise ConnectionAbortedError("the fake closed the connection without an answer")
 
 
 def _fault_body(status: int, body_fields: dict) -> dict:

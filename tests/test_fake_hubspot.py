@@ -6,6 +6,7 @@ tests pin down each behaviour they rely on, over real HTTP.
 
 import json
 import time
+from datetime import datetime
 
 import pytest
 import requests
@@ -43,10 +44,11 @@ class Api:
         self.paths = paths
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token or fake.token}"
+        self.timeout = 5.0
 
     def request(self, method, path, body=None, **params) -> requests.Response:
         return self.session.request(
-            method, self.fake.url + path, json=body, params=params, timeout=5
+            method, self.fake.url + path, json=body, params=params, timeout=self.timeout
         )
 
     def read(self, object_type, ids, properties=()):
@@ -701,6 +703,199 @@ def test_the_ten_second_window_answers_429_beyond_its_limit(hubspot, api):
     assert answers[-1].json()["policyName"] == "TEN_SECONDLY_ROLLING"
     assert answers[-1].json()["errorType"] == "RATE_LIMIT"
     assert hubspot.rate_limited == 1
+
+
+# Injected faults
+
+
+ACCOUNT = "/account-info/v3/details"
+USAGE = "/account-info/v3/api-usage/daily/private-apps"
+
+
+def test_fail_always_answers_until_the_entry_is_removed(hubspot, api):
+    hubspot.fail_always.append((None, 403, {}))
+
+    refused = [api.request("GET", ACCOUNT) for _ in range(3)]
+    hubspot.fail_always.clear()
+    served = api.request("GET", ACCOUNT)
+
+    assert [a.status_code for a in refused] == [403, 403, 403]
+    assert refused[0].json()["category"] == "MISSING_SCOPES"
+    assert served.status_code == 200
+
+
+def test_throttle_answers_429_to_the_same_seeded_share_of_calls_each_time(hubspot, api):
+    def statuses(n=40):
+        return [api.request("GET", ACCOUNT).status_code for _ in range(n)]
+
+    hubspot.throttle(0.3, seed=7, retry_after=2)
+    first = statuses()
+    hubspot.throttle(0.3, seed=7, retry_after=2)
+    again = statuses()
+    hubspot.throttle(0.0)
+    after = statuses(5)
+
+    assert first == again
+    assert 6 <= first.count(429) <= 20
+    assert after == [200] * 5
+    assert hubspot.rate_limited == 2 * first.count(429)
+    refused = next(c for c in hubspot.calls if c["status"] == 429)
+    assert refused["kind"] == "account"
+
+
+def test_a_throttled_429_says_retry_after_and_a_spent_window(hubspot, api):
+    hubspot.throttle(1.0, retry_after=3)
+
+    refused = api.request("GET", ACCOUNT)
+    search = api.search("contacts", {})
+    usage = api.request("GET", USAGE)
+
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "3"
+    assert refused.headers["X-HubSpot-RateLimit-Remaining"] == "0"
+    assert refused.json()["policyName"] == "TEN_SECONDLY_ROLLING"
+    assert search.status_code == 429
+    assert search.json()["policyName"] == "SECONDLY"
+    assert "X-HubSpot-RateLimit-Max" not in search.headers
+    assert usage.status_code == 200
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["not-applied", "applied"])
+def test_a_hung_call_times_out_the_client_with_or_without_its_write(
+    hubspot, api, applied
+):
+    contact, company = contact_and_company(hubspot)
+    hubspot.hang_next.append(("associations_default", 0.6, applied))
+    api.timeout = 0.2
+
+    with pytest.raises(requests.ReadTimeout):
+        api.default("contacts", "companies", (contact, company))
+    # Even once the hang is over, a write not applied stays undone.
+    time.sleep(0.6)
+
+    written = hubspot.associations("contacts", contact, "companies")
+    assert bool(written) is applied
+    hung = hubspot.calls[-1]
+    assert (hung["kind"], hung["fault"]) == ("associations_default", "hang")
+    assert hung["status"] == (200 if applied else None)
+    assert hung["at"] == pytest.approx(time.time(), abs=2)
+    api.timeout = 5.0
+    assert api.request("GET", ACCOUNT).status_code == 200
+
+
+def test_a_hung_call_that_was_applied_answers_late(hubspot, api):
+    contact, company = contact_and_company(hubspot)
+    hubspot.hang_next.append((None, 0.4, True))
+
+    started = time.monotonic()
+    answer = api.default("contacts", "companies", (contact, company))
+
+    assert answer.status_code == 200
+    assert time.monotonic() - started >= 0.4
+    assert hubspot.associations("contacts", contact, "companies")
+
+
+@pytest.mark.parametrize("applied", [False, True], ids=["not-applied", "applied"])
+def test_a_disconnect_closes_the_connection_without_an_answer(hubspot, api, applied):
+    contact, company = contact_and_company(hubspot)
+    hubspot.disconnect_next.append(("associations_default", applied))
+
+    with pytest.raises(requests.ConnectionError):
+        api.default("contacts", "companies", (contact, company))
+
+    written = hubspot.associations("contacts", contact, "companies")
+    assert bool(written) is applied
+    dropped = hubspot.calls[-1]
+    assert dropped["fault"] == "disconnect"
+    assert dropped["status"] == (200 if applied else None)
+    assert api.request("GET", ACCOUNT).status_code == 200
+
+
+def test_a_spent_daily_budget_answers_429_until_the_reset_its_report_gives(
+    hubspot, api
+):
+    hubspot.daily_limit_until = time.time() + 0.5
+
+    refused = api.read("contacts", [1])
+    usage = api.request("GET", USAGE).json()["results"][0]
+    time.sleep(max(hubspot.daily_limit_until - time.time(), 0) + 0.05)
+    served = api.read("contacts", [1])
+
+    assert refused.status_code == 429
+    assert refused.json()["policyName"] == "DAILY"
+    assert refused.headers["X-HubSpot-RateLimit-Daily-Remaining"] == "0"
+    resets_at = datetime.fromisoformat(usage["resetsAt"]).timestamp()
+    assert 0 <= resets_at - hubspot.daily_limit_until <= 0.002
+    assert usage["currentUsage"] == usage["usageLimit"]
+    assert served.status_code == 207
+    assert hubspot.rate_limited == 1
+
+
+def test_the_window_length_and_other_integrations_calls_show_in_the_headers(
+    hubspot, api
+):
+    hubspot.rate_limit_per_10s = 5
+    hubspot.rate_limit_interval_ms = 300
+    hubspot.spend_rate_limit(4)
+
+    answers = [api.request("GET", ACCOUNT) for _ in range(2)]
+    time.sleep(0.35)
+    later = api.request("GET", ACCOUNT)
+
+    assert [a.status_code for a in answers] == [200, 429]
+    assert answers[0].headers["X-HubSpot-RateLimit-Remaining"] == "0"
+    assert answers[0].headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "300"
+    assert later.status_code == 200
+    assert later.headers["X-HubSpot-RateLimit-Remaining"] == "4"
+    # The other integration's calls are counted, not listed.
+    assert hubspot.call_count() == 3
+
+
+@pytest.mark.parametrize("write", ["create", "default"])
+def test_an_association_limit_fails_only_the_inputs_beyond_it(hubspot, api, write):
+    company = hubspot.add_record("companies", {"domain": "limit.example"})
+    contacts = [hubspot.add_record("contacts", {}) for _ in range(3)]
+    hubspot.association_limit = 2
+
+    if write == "create":
+        answer = api.create(
+            "contacts", "companies", *[(c, company, [UNLABELED]) for c in contacts]
+        )
+    else:
+        answer = api.default("contacts", "companies", *[(c, company) for c in contacts])
+
+    assert answer.status_code == (207 if write == "create" else 200)
+    (error,) = answer.json()["errors"]
+    assert error["category"] == "VALIDATION_ERROR"
+    assert error["context"] == {
+        "fromObjectId": [str(contacts[2])],
+        "toObjectId": [str(company)],
+    }
+    assert set(hubspot.associations("companies", company, "contacts")) == set(
+        contacts[:2]
+    )
+    hubspot.association_limit = None
+    assert api.default("contacts", "companies", (contacts[2], company)).ok
+    assert len(hubspot.associations("companies", company, "contacts")) == 3
+
+
+def test_clear_faults_turns_every_fault_off(hubspot, api):
+    hubspot.fail_always.append((None, 500, {}))
+    hubspot.fail_next.append((None, 502, {}))
+    hubspot.hang_next.append((None, 5, False))
+    hubspot.disconnect_next.append((None, False))
+    hubspot.throttle(1.0)
+    hubspot.rate_limit_per_10s = 1
+    hubspot.rate_limit_interval_ms = 100
+    hubspot.daily_limit_until = time.time() + 60
+    hubspot.association_limit = 0
+
+    hubspot.clear_faults()
+
+    answers = [api.request("GET", ACCOUNT) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "10000"
+    assert hubspot.association_limit is None
 
 
 # Records of the calls
