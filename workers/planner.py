@@ -739,7 +739,7 @@ class Planner:
                 permanent = [e for e in errors if isinstance(e, PermanentError)]
                 if permanent:
                     error = permanent[0]
-                    result.dead.append((event, "hubspot_refused", _describe(error)))
+                    result.dead.append((event, "hubspot_refused", error.describe()))
                 else:
                     result.retry.append((event, errors[0]))
                 continue
@@ -827,15 +827,6 @@ def _plain(t: AssociationType) -> tuple[str, int]:
 
 def _ends(pair: Pair) -> tuple[str, int, str]:
     return (pair.from_type, pair.from_id, pair.to_type)
-
-
-def _describe(error: HubSpotError) -> str:
-    parts = [f"status={error.status}"]
-    if error.category:
-        parts.append(f"category={error.category}")
-    if error.message:
-        parts.append(f"message={error.message}")
-    return " ".join(parts)
 
 
 def _written_text(pair: Pair, claim) -> str:

@@ -44,7 +44,8 @@ SEARCH_WINDOW_MS = 1_000
 DEFAULT_WINDOW_MS = 10_000
 LEARNED_SECONDS = 24 * 3600
 
-# KEYS: window, learned max, learned interval, daily block, probe wanted, probing.
+# KEYS: window, learned max, learned interval, daily block, probe wanted, probing,
+# cooldown (a Retry-After that holds every worker).
 # ARGV: default max, share, search window ms (0 for the learned one), member.
 # Answers {0, ""} when a slot was taken (or {0, "probe"} for the probe call),
 # else {milliseconds to wait, why}.
@@ -55,6 +56,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local blocked = redis.call('PTTL', KEYS[4])
 if blocked > 0 then
   return {blocked, 'daily'}
+end
+local cooling = redis.call('PTTL', KEYS[7])
+if cooling > 0 then
+  return {cooling, 'window'}
 end
 
 local probe = false
@@ -177,7 +182,11 @@ class RateLimiter:
         waited = 0.0
         while True:
             wait_ms, why = self._acquire(
-                keys=[*keys, *self._daily_keys(portal_id)],
+                keys=[
+                    *keys,
+                    *self._daily_keys(portal_id),
+                    self._cooldown_key(portal_id, kind),
+                ],
                 args=[
                     default_max,
                     self.share,
@@ -274,6 +283,13 @@ class RateLimiter:
         )
         window_seconds = (window_ms or self._window_ms(portal_id)) / 1000
         wait = max(error.retry_after or 0.0, window_seconds)
+        if error.retry_after and error.retry_after > window_seconds:
+            # HubSpot asked for a longer pause: every worker keeps it.
+            self.redis.set(
+                self._cooldown_key(portal_id, kind),
+                "retry-after",
+                px=math.ceil(error.retry_after * 1000),
+            )
         log.warning(
             "rate_limited",
             portal=portal_id,
@@ -324,6 +340,10 @@ class RateLimiter:
             0,
             "ten_secondly",
         )
+
+    def _cooldown_key(self, portal_id: int, kind: str) -> str:
+        budget = "search" if kind == SEARCH_KIND else "10s"
+        return f"{PREFIX}{portal_id}:{budget}:cooldown"
 
     def _window_ms(self, portal_id: int) -> int:
         learned = self.redis.get(f"{PREFIX}{portal_id}:10s:interval")

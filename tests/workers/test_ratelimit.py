@@ -194,3 +194,18 @@ def test_the_usage_report_is_never_held_back(redis_client):
     )
 
     limits.acquire(PORTAL, "usage")
+
+
+def test_a_longer_retry_after_holds_every_worker(redis_client):
+    limits, other = limiter(redis_client), limiter(redis_client)
+    limits.observe(PORTAL, "objects", 200, headers(10, 10))
+    error = RateLimited("slow down", status=429, retry_after=0.6)
+
+    limits.rate_limited(PORTAL, "objects", error)
+    time.sleep(SHORT_WINDOW_MS / 1000 + 0.05)
+
+    with pytest.raises(Deferred) as deferred:
+        other.acquire(PORTAL, "objects")
+    assert deferred.value.retry_after <= 0.6
+    time.sleep(0.35)
+    assert take(other, 3) == 3
