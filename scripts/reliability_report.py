@@ -90,7 +90,8 @@ def render(runs: list[dict]) -> str:
         counts = figures(run)
         totals.update({c: counts[c] for c in COLUMNS})
         cells = " | ".join(str(counts[c]) for c in COLUMNS)
-        lines.append(f"| {run['promise']} | `{run['test']}` | {cells} |")
+        test = run["test"].removeprefix("tests/faults/")
+        lines.append(f"| {run['promise']} | `{test}` | {cells} |")
         if counts["dead_letter_reasons"]:
             reasons_by_test.append((run["test"], counts["dead_letter_reasons"]))
     if runs:
@@ -100,6 +101,7 @@ def render(runs: list[dict]) -> str:
     if reasons_by_test:
         lines += ["", "Dead letters by reason, each caused by the test on purpose:", ""]
         for test, reasons in reasons_by_test:
+            test = test.removeprefix("tests/faults/")
             text = ", ".join(f"`{r}` {n}" for r, n in reasons.items())
             lines.append(f"- `{test}`: {text}")
     lines += [

@@ -7,6 +7,7 @@ assertions (nothing lost, nothing written twice).
 """
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,8 +31,12 @@ class RunFigures:
     dead_letter_reasons: dict
 
 
-def record_run(test: str, promise: str, *, keys, redis, hubspot) -> RunFigures:
-    """Dump the outcomes of the events with dedup ``keys``; answer the figures."""
+def record_run(promise: str, *, keys, redis, hubspot) -> RunFigures:
+    """Dump the outcomes of the events with dedup ``keys``; answer the figures.
+
+    The run is named after the test calling it (its pytest node id).
+    """
+    test = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
     keys = list(dict.fromkeys(keys))
     stored = OutcomeStore(redis).get_many(keys)
     run = {

@@ -190,7 +190,6 @@ def finish(
     stack.wait_until_idle()
     hubspot = stack.hubspot
     run = record_run(
-        request.node.nodeid,
         promise,
         keys=[dedup_key(e) for e in events],
         redis=stack.redis,

@@ -254,7 +254,6 @@ def test_deliveries_during_a_redis_crash_are_refused_in_time_and_none_is_lost(
     )
 
     run = record_run(
-        "test_redis_loss.redis_killed_and_restarted",
         "A Redis crash loses no acknowledged delivery; refused ones come back",
         keys=[dedup_key(e) for e in every_event],
         redis=stack.redis,

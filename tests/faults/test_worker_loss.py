@@ -304,7 +304,6 @@ def test_a_killed_pool_process_is_replaced_and_its_task_done_by_the_same_worker(
     assert unexpected_errors(stack) == []
 
     run = record_run(
-        "test_worker_loss.pool_process_killed",
         "A pool process killed in the middle of a task loses nothing",
         keys=[dedup_key(e) for e in events],
         redis=stack.redis,
@@ -359,7 +358,6 @@ def test_a_killed_worker_s_task_comes_back_to_a_new_worker_after_the_timeout(sta
     assert unexpected_errors(stack) == []
 
     run = record_run(
-        "test_worker_loss.worker_killed",
         "A worker killed in the middle of a task loses nothing",
         keys=[dedup_key(e) for e in events],
         redis=stack.redis,
@@ -404,7 +402,6 @@ def test_a_message_that_kills_its_worker_every_time_is_dead_lettered_as_lost(sta
     assert [line["event"] for line in unexpected_errors(stack)] == ["event_outcome"]
 
     run = record_run(
-        "test_worker_loss.message_kills_every_worker",
         "A message that kills every worker it reaches is dead-lettered, not retried "
         "for ever",
         keys=[dedup_key(e) for e in poison_events + healthy],
