@@ -14,14 +14,12 @@ from redis.retry import Retry
 QUEUE = "associator"
 PROCESS_EVENTS = "associator.process_events"
 
-WORKER_REDIS_TIMEOUT_SECONDS = 10
-
 
 def redis_client(settings, *, role: str) -> redis.Redis:
     timeout = (
         settings.redis_timeout_seconds
         if role == "web"
-        else WORKER_REDIS_TIMEOUT_SECONDS
+        else settings.worker_redis_timeout_seconds
     )
     return redis.Redis.from_url(
         settings.redis_url,

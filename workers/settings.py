@@ -115,6 +115,12 @@ class Settings:
         "Connect and read timeout of the web process's Redis and broker "
         "connections (at most 1).",
     )
+    worker_redis_timeout_seconds: float = _var(
+        "ASSOCIATOR_WORKER_REDIS_TIMEOUT_SECONDS",
+        10.0,
+        "Connect and read timeout of the worker's and the commands' Redis "
+        "connections; they may wait longer than the web process.",
+    )
     redis_budget_seconds: float = _var(
         "ASSOCIATOR_REDIS_BUDGET_SECONDS",
         2.0,
