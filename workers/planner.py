@@ -33,6 +33,7 @@ from workers.hubspot import (
     AssociationType,
     HubSpotError,
     PermanentError,
+    TransientError,
 )
 from workers.labels import LabelResolver
 from workers.rules import (
@@ -48,6 +49,14 @@ from workers.rules import (
 
 CLAIM_PREFIX = "associator:write:"
 PRIMARY_CLAIM_PREFIX = "associator:primary:"
+LABELING_SUFFIX = ":labeling"
+
+
+class PairBusy(TransientError):
+    """Another plan is writing labels to this pair: a labeled write replaces a
+    pair's labels, so this one waits and reads the pair again."""
+
+
 EMAIL_LIKE = ("email_domain", "url_host")
 
 
@@ -586,8 +595,12 @@ class Planner:
             return done, failed
 
         # Another plan holds the taken ones: it writes them, so they count as
-        # present here.
-        claimed, taken = self._claim(writes)
+        # present here. The busy ones wait for another plan's labels.
+        claimed, taken, busy = self._claim(writes)
+        for pair in busy:
+            failed[pair] = PairBusy(
+                f"another plan is writing labels to {pair}; it is read again later"
+            )
         if self.dry_run:
             self._release(claimed)
             self._dry = set(claimed) | taken
@@ -597,8 +610,7 @@ class Planner:
             defaultdict(list)
         )
         for pair, (have, missing) in claimed.items():
-            labeled = have or any(t.label for t in missing) or len(missing) > 1
-            if labeled:
+            if _labeled(have, missing):
                 types = tuple(sorted(have | {_plain(t) for t in missing}))
                 kind = "create"
             else:
@@ -635,8 +647,9 @@ class Planner:
         self._written = {p: claimed[p] for p in done}
         return done | taken, failed
 
-    def _claim(self, writes) -> tuple[dict, set[Pair]]:
-        """(the writes this plan makes, the pairs another plan is writing)."""
+    def _claim(self, writes) -> tuple[dict, set[Pair], set[Pair]]:
+        """(the writes this plan makes, the pairs another plan is writing, the
+        pairs whose labels another plan is writing)."""
         pairs = list(writes)
         won = self._set_nx([self._claim_key(p, writes[p][1]) for p in pairs])
         claimed = {p: writes[p] for p, ok in zip(pairs, won, strict=True) if ok}
@@ -645,9 +658,6 @@ class Planner:
 
         # A record has one Primary: the plan that claims it on the record first
         # writes it, and a plan that finds it claimed writes the rest without it.
-        # TODO: two plans writing different labels to one pair still race (the
-        # later write replaces the labels the earlier one added). It takes two
-        # rules labeling one pair of types; it waits until a rules file has them.
         asking = [p for p, (_, missing) in claimed.items() if _has_primary(missing)]
         won = self._set_nx([self._primary_claim_key(p) for p in asking])
         for pair, ok in zip(asking, won, strict=True):
@@ -662,7 +672,23 @@ class Planner:
                 self._release([pair])
                 del claimed[pair]
                 taken.add(pair)
-        return claimed, taken
+
+        # A labeled write sends the labels this plan read; while another plan's
+        # labeled write to the pair may land in between, it must not be sent.
+        # The claim is kept after the write, so a plan whose read came before
+        # it waits until it expires, then reads again.
+        labeling = [
+            p for p, (have, missing) in claimed.items() if _labeled(have, missing)
+        ]
+        won = self._set_nx([self._labeling_claim_key(p) for p in labeling])
+        busy = set()
+        for pair, ok in zip(labeling, won, strict=True):
+            if ok:
+                self._claims[pair].append(self._labeling_claim_key(pair))
+            else:
+                busy.add(pair)
+                del claimed[pair]
+        return claimed, taken, busy
 
     def _set_nx(self, keys: list[str]) -> list[bool]:
         """Claim ``keys``: True for each one this plan's owner holds now, newly or
@@ -696,6 +722,9 @@ class Planner:
         return pair.claim_key(
             self.portal_id, ":" + ",".join(map(str, labels)) if labels else ""
         )
+
+    def _labeling_claim_key(self, pair: Pair) -> str:
+        return pair.claim_key(self.portal_id, LABELING_SUFFIX)
 
     def _primary_claim_key(self, pair: Pair) -> str:
         return (
@@ -781,6 +810,11 @@ def _searched_values(rule: Rule, values) -> list[str]:
     if rule.transform not in EMAIL_LIKE:
         return unique
     return [form for value in unique for form in (value, f"www.{value}")]
+
+
+def _labeled(have, missing) -> bool:
+    """Whether the write must send types (and so replaces the pair's labels)."""
+    return bool(have) or any(t.label for t in missing) or len(missing) > 1
 
 
 def _wants_primary(rule: Rule) -> bool:

@@ -15,7 +15,7 @@ from tests.support import event
 from webhook.payload import parse_event
 from workers.hubspot import HubSpotClient, TransientError
 from workers.labels import LabelResolver
-from workers.planner import Pair, Planner
+from workers.planner import Pair, PairBusy, Planner
 from workers.rules import DEFAULT_RULES_TOML, UNLABELED, RulesError, load_rules
 
 API_VERSIONS = ("v4", "2026-03")
@@ -1224,6 +1224,54 @@ def test_a_labeled_write_keeps_the_labels_the_pair_has(
     ]
     assert hubspot.associations("contact", contact, "company") == {
         acme: {CONTACT_COMPANY, DECISION_MAKER, BILLING}
+    }
+    assert hubspot.redundant_writes == 0
+
+
+DECISION_MAKER_RULE = """
+[[rule]]
+name = "contact-company-decision-maker"
+kind = "match"
+from = "contact"
+to = "company"
+property = "billing_domain"
+transform = "url_host"
+to_property = "domain"
+association = "decision maker"
+"""
+
+
+def test_two_plans_labeling_one_pair_at_once_never_drop_a_label(
+    hubspot, make_planner, rules_file, redis
+):
+    hubspot.add_label("contact", "company", "Billing contact", 901, 902)
+    hubspot.add_label("contact", "company", "Decision maker", 903, 904)
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    contact = hubspot.add_record("contact", {"billing_domain": "acme.com"})
+    new = created(contact)
+    # The second plan reads the pair before the first one's write lands.
+    first = make_planner(rules_file(CONTACT_COMPANY_LABELED), client=RacingClient)
+    second = make_planner(rules_file(DECISION_MAKER_RULE))
+    raced = []
+    first.client.race = lambda: raced.append(second.run([new]))
+
+    first.run([new])
+
+    ((waiting, error),) = raced[0].retry
+    assert waiting == new
+    assert isinstance(error, PairBusy)
+    assert hubspot.associations("contact", contact, "company") == {
+        acme: {CONTACT_COMPANY, BILLING}
+    }
+
+    # Once the first plan's claim has expired, the retry reads the pair again.
+    for key in redis.scan_iter("associator:write:*:labeling"):
+        redis.delete(key)
+    again = make_planner(rules_file(DECISION_MAKER_RULE)).run([new])
+
+    assert again.outcomes[new.dedup_key]["created"] == 1
+    assert hubspot.associations("contact", contact, "company") == {
+        acme: {CONTACT_COMPANY, BILLING, DECISION_MAKER}
     }
     assert hubspot.redundant_writes == 0
 
