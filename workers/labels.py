@@ -47,8 +47,10 @@ class LabelResolver:
         self.refresh_seconds = refresh_seconds
 
     def definitions(
-        self, client, portal_id, from_type, to_type
+        self, client, portal_id, from_type, to_type, *, fallback: bool = True
     ) -> list[AssociationType]:
+        """The pair's types; HubSpot's defined table when they cannot be read and
+        ``fallback`` allows it (it holds no user-defined label)."""
         key = f"{LABELS_PREFIX}{portal_id}:{from_type}:{to_type}"
         cached = self.redis.get(key)
         if cached:
@@ -56,8 +58,8 @@ class LabelResolver:
         try:
             types = client.label_definitions(from_type, to_type)
         except HubSpotError as exc:
-            fallback = DEFINED_TYPES.get((from_type, to_type))
-            if not fallback:
+            defined = DEFINED_TYPES.get((from_type, to_type)) if fallback else None
+            if not defined:
                 raise
             log.warning(
                 "labels_fallback",
@@ -67,7 +69,7 @@ class LabelResolver:
             )
             return [
                 AssociationType(HUBSPOT_DEFINED, type_id, None if n == UNLABELED else n)
-                for n, type_id in fallback.items()
+                for n, type_id in defined.items()
             ]
         self.redis.set(
             key,
@@ -78,7 +80,15 @@ class LabelResolver:
 
     def resolve(self, client, portal_id, from_type, to_type, name) -> AssociationType:
         """The type written for ``name``: unlabeled, Primary or a user label."""
-        types = self.definitions(client, portal_id, from_type, to_type)
+        # A user's label is only in the portal's definitions: while they cannot be
+        # read, the error stands (a retry), not an unknown label.
+        types = self.definitions(
+            client,
+            portal_id,
+            from_type,
+            to_type,
+            fallback=name in (UNLABELED, PRIMARY),
+        )
         for t in types:
             if name == UNLABELED and t.category == HUBSPOT_DEFINED and not t.label:
                 return t

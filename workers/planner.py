@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from workers.events import ASSOCIATION_CHANGE, Event, object_label
 from workers.hubspot import (
+    INPUTS_PER_ASSOCIATION_WRITE,
     AssociationInput,
     AssociationType,
     HubSpotError,
@@ -597,9 +598,12 @@ class Planner:
         # Another plan holds the taken ones: it writes them, so they count as
         # present here. The busy ones wait for another plan's labels.
         claimed, taken, busy = self._claim(writes)
-        for pair in busy:
+        for pair, seconds in busy.items():
+            # The other plan keeps its claim after writing: waiting less would
+            # only spend attempts on a pair that is still busy.
             failed[pair] = PairBusy(
-                f"another plan is writing labels to {pair}; it is read again later"
+                f"another plan is writing labels to {pair}; it is read again later",
+                retry_after=seconds,
             )
         if self.dry_run:
             self._release(claimed)
@@ -620,7 +624,14 @@ class Planner:
                 (pair, AssociationInput(pair.from_id, pair.to_id, types))
             )
 
-        for (from_type, to_type, kind), items in batches.items():
+        # One call per chunk, so that a call failing fails only its own pairs: the
+        # client raises for a failed call and forgets what the earlier ones wrote.
+        calls = [
+            (key, items[start : start + INPUTS_PER_ASSOCIATION_WRITE])
+            for key, items in batches.items()
+            for start in range(0, len(items), INPUTS_PER_ASSOCIATION_WRITE)
+        ]
+        for (from_type, to_type, kind), items in calls:
             inputs = [item for _, item in items]
             by_input = {(i.from_id, i.to_id): p for p, i in items}
             try:
@@ -647,9 +658,10 @@ class Planner:
         self._written = {p: claimed[p] for p in done}
         return done | taken, failed
 
-    def _claim(self, writes) -> tuple[dict, set[Pair], set[Pair]]:
+    def _claim(self, writes) -> tuple[dict, set[Pair], dict[Pair, float]]:
         """(the writes this plan makes, the pairs another plan is writing, the
-        pairs whose labels another plan is writing)."""
+        pairs whose labels another plan is writing, with the seconds its claim
+        still holds)."""
         pairs = list(writes)
         won = self._set_nx([self._claim_key(p, writes[p][1]) for p in pairs])
         claimed = {p: writes[p] for p, ok in zip(pairs, won, strict=True) if ok}
@@ -681,14 +693,21 @@ class Planner:
             p for p, (have, missing) in claimed.items() if _labeled(have, missing)
         ]
         won = self._set_nx([self._labeling_claim_key(p) for p in labeling])
-        busy = set()
+        busy = []
         for pair, ok in zip(labeling, won, strict=True):
             if ok:
                 self._claims[pair].append(self._labeling_claim_key(pair))
             else:
-                busy.add(pair)
+                busy.append(pair)
                 del claimed[pair]
-        return claimed, taken, busy
+        holds = {}
+        if busy:
+            pipe = self.redis.pipeline()
+            for pair in busy:
+                pipe.pttl(self._labeling_claim_key(pair))
+            answers = pipe.execute()
+            holds = {p: max(ms, 0) / 1000 for p, ms in zip(busy, answers, strict=True)}
+        return claimed, taken, holds
 
     def _set_nx(self, keys: list[str]) -> list[bool]:
         """Claim ``keys``: True for each one this plan's owner holds now, newly or

@@ -26,7 +26,7 @@ from workers.labels import LabelResolver
 from workers.logs import get_logger
 from workers.outcomes import DEAD_LETTERED, SKIPPED, OutcomeStore
 from workers.planner import Planner
-from workers.ratelimit import DAILY, Deferred, RateLimiter
+from workers.ratelimit import DAILY, UNMETERED_KINDS, Deferred, RateLimiter
 from workers.rules import RulesError, RuleSet
 
 log = get_logger(__name__)
@@ -158,6 +158,9 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         for event in events:
             _dead_letter(context, event, reason, details, task_id, meta)
         return
+    except RedisError:
+        # Not a bug in the plan: the message comes back (see run_task).
+        raise
     except Exception:
         details = traceback.format_exc()
         for event in events:
@@ -217,7 +220,9 @@ def _after_answer(client, portal_id: int, limiter: RateLimiter | None):
         if not isinstance(error, RateLimited):
             return
         seconds = None
-        if error.policy == DAILY:
+        # The usage report refusing with DAILY itself: asking it again would only
+        # send more refused calls, each one asking again.
+        if error.policy == DAILY and kind not in UNMETERED_KINDS:
             seconds = _until_daily_reset(client)
         error.retry_after = limiter.rate_limited(
             portal_id, kind, error, seconds=seconds
@@ -362,7 +367,9 @@ def run_task(raw_events: list[dict], *, context: WorkerContext, task_id: str, me
 
 
 def _dead_letter_queued(context, raw_events, reason, details, task_id, meta):
-    """Dead-letter the queued events that have no outcome yet."""
+    """Dead-letter the queued events that have no outcome yet (or, replayed, are
+    still dead-lettered: their old entry was removed when they were replayed)."""
+    redo = DEAD_LETTERED if meta.get("replay") else None
     for raw in raw_events:
         try:
             event = Event.from_json(raw)
@@ -370,7 +377,8 @@ def _dead_letter_queued(context, raw_events, reason, details, task_id, meta):
             # Not even an event: keep what was queued, as it was.
             context.dead_letters.add(reason, [raw], details=details)
             continue
-        if context.outcomes.get(event.dedup_key) is None:
+        outcome = context.outcomes.get(event.dedup_key)
+        if not outcome or outcome.get("outcome") == redo:
             _dead_letter(context, event, reason, details, task_id, meta)
 
 

@@ -13,7 +13,12 @@ import pytest
 from tests.hubspot_fake import FakeHubSpot, input_error, object_type_id
 from tests.support import event
 from webhook.payload import parse_event
-from workers.hubspot import HubSpotClient, TransientError
+from workers.hubspot import (
+    INPUTS_PER_ASSOCIATION_WRITE,
+    HubSpotClient,
+    PermanentError,
+    TransientError,
+)
 from workers.labels import LabelResolver
 from workers.planner import Pair, PairBusy, Planner
 from workers.rules import DEFAULT_RULES_TOML, UNLABELED, RulesError, load_rules
@@ -1260,6 +1265,9 @@ def test_two_plans_labeling_one_pair_at_once_never_drop_a_label(
     ((waiting, error),) = raced[0].retry
     assert waiting == new
     assert isinstance(error, PairBusy)
+    # Its retry waits for the first plan's claim rather than spending attempts
+    # while the claim holds.
+    assert 590 < error.retry_after <= 600
     assert hubspot.associations("contact", contact, "company") == {
         acme: {CONTACT_COMPANY, BILLING}
     }
@@ -1285,6 +1293,22 @@ def test_a_label_unknown_to_the_portal_is_a_configuration_error(
     planner = make_planner(rules_file(CONTACT_COMPANY_LABELED))
 
     with pytest.raises(RulesError, match="'billing contact' is not defined"):
+        planner.run([created(contact)])
+    assert write_calls(hubspot) == []
+
+
+def test_a_users_label_waits_while_the_labels_cannot_be_read(
+    hubspot, make_planner, rules_file
+):
+    hubspot.add_label("contact", "company", "Billing contact", 901, 902)
+    hubspot.add_record("company", {"domain": "acme.com"})
+    contact = hubspot.add_record("contact", {"billing_domain": "acme.com"})
+    hubspot.fail_next.append(("labels", 503, {}))
+
+    planner = make_planner(rules_file(CONTACT_COMPANY_LABELED))
+
+    # HubSpot's defined types know no user label: a retry, not a rules error.
+    with pytest.raises(TransientError):
         planner.run([created(contact)])
     assert write_calls(hubspot) == []
 
@@ -1759,6 +1783,36 @@ def test_a_whole_call_failure_fails_every_pair_of_that_call_only(hubspot, make_p
     ((dead, reason, _),) = result.dead
     assert (dead, reason) == (events[1], "hubspot_refused")
     assert set(hubspot.associations("company", acme, "contact")) == {primary_less}
+
+
+class SecondWriteRefused(HubSpotClient):
+    """A client whose second batch write HubSpot refuses as a whole."""
+
+    writes = 0
+
+    def _call_with_status(self, kind, method, path, **kwargs):
+        if path.endswith("/batch/create"):
+            self.writes += 1
+            if self.writes == 2:
+                raise PermanentError("Refused.", status=400)
+        return super()._call_with_status(kind, method, path, **kwargs)
+
+
+def test_a_refused_call_of_a_large_write_fails_only_the_pairs_it_held(
+    hubspot, make_planner
+):
+    contacts = []
+    for n in range(INPUTS_PER_ASSOCIATION_WRITE + 1):
+        hubspot.add_record("company", {"domain": f"firm{n}.example"})
+        contacts.append(hubspot.add_record("contact", {"email": f"a@firm{n}.example"}))
+    events = [created(contact) for contact in contacts]
+
+    result = make_planner(client=SecondWriteRefused).run(events)
+
+    # The first call's hundred pairs were written: their events are applied.
+    assert result.created == INPUTS_PER_ASSOCIATION_WRITE
+    assert len(result.outcomes) == INPUTS_PER_ASSOCIATION_WRITE
+    assert [reason for _, reason, _ in result.dead] == ["hubspot_refused"]
 
 
 # -- what a batch costs ---------------------------------------------------------

@@ -9,6 +9,8 @@ import json
 import time
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from tests.hubspot_fake import FakeHubSpot
 from workers.dead_letters import DeadLetterStore
@@ -248,3 +250,81 @@ def test_a_hiccup_while_learning_the_tokens_portal_is_retried(context, redis_cli
     assert context.outcomes.get(event.dedup_key) is None
     [(entry, _)] = delayed(redis_client)
     assert entry["reason"] == "retry"
+
+
+def test_a_replayed_event_whose_worker_is_lost_again_is_dead_lettered_again(context):
+    event = contact_event(32)
+    # Its first dead letter was removed when it was replayed.
+    context.outcomes.record(
+        event.dedup_key, "dead_lettered", reason="worker_lost", dead_letter="gone"
+    )
+    for _ in range(3):
+        context.redis.incr("associator:deliveries:task-replayed")
+
+    run_task(
+        [event.to_json()],
+        context=context,
+        task_id="task-replayed",
+        meta={"reason": "replay", "replay": "gone"},
+    )
+
+    [entry] = context.dead_letters.list()
+    assert entry.reason == "worker_lost"
+    assert context.outcomes.get(event.dedup_key)["dead_letter"] == entry.id
+
+
+def test_a_replayed_event_meeting_a_bug_again_is_dead_lettered_again(context):
+    def broken(portal_id):
+        raise ZeroDivisionError("a bug")
+
+    context.credentials_for = broken
+    event = contact_event(41, occurred_at=0)
+    context.outcomes.record(
+        event.dedup_key, "dead_lettered", reason="unexpected_error", dead_letter="gone"
+    )
+
+    run_task(
+        [event.to_json()],
+        context=context,
+        task_id="task-replayed-bug",
+        meta={"reason": "replay", "replay": "gone"},
+    )
+
+    [entry] = context.dead_letters.list()
+    assert entry.reason == "unexpected_error"
+    assert context.outcomes.get(event.dedup_key)["dead_letter"] == entry.id
+
+
+def test_a_daily_429_of_the_usage_report_is_not_asked_again(
+    context, hubspot, redis_client
+):
+    contact = hubspot.add_record("0-1", {"email": "ada@usage.example"})
+    hubspot.fail_next.append(("objects_read", 429, {}, {"policyName": "DAILY"}))
+    hubspot.fail_always.append(("api_usage", 429, {}, {"policyName": "DAILY"}))
+    event = contact_event(contact, occurred_at=0)
+
+    try:
+        run_task([event.to_json()], context=context, task_id="task-usage", meta={})
+    finally:
+        hubspot.fail_always.clear()
+
+    assert hubspot.call_count("api_usage") == 1
+    [(entry, due)] = delayed(redis_client)
+    assert entry["reason"] == "rate_limit"
+    assert due >= time.time() + context.settings.daily_defer_seconds - 5
+
+
+def test_redis_failing_in_the_middle_of_a_plan_sends_the_message_back(context, hubspot):
+    class LostLimiter:
+        def acquire(self, portal_id, kind):
+            raise RedisConnectionError("Redis went away")
+
+    contact = hubspot.add_record("0-1", {"email": "ada@blip.example"})
+    context.limiter = LostLimiter()
+    event = contact_event(contact, occurred_at=0)
+
+    with pytest.raises(RedisError):
+        run_task([event.to_json()], context=context, task_id="task-blip", meta={})
+
+    assert context.outcomes.get(event.dedup_key) is None
+    assert context.dead_letters.list() == []
