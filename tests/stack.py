@@ -84,7 +84,8 @@ FAST_SETTINGS = {
     "ASSOCIATOR_RATE_LIMIT_MAX_WAIT_SECONDS": "1.0",
     "ASSOCIATOR_DAILY_DEFER_SECONDS": "2.0",
     "ASSOCIATOR_MAX_CALLS_PER_TASK": "20",
-    # (2 s + 1 s) x 20 calls = 60 s < the time limit < the visibility timeout.
+    # (2 s + 1 s) x 20 calls + 2 s of waiting for another plan's write = 62 s
+    # < the time limit < the visibility timeout.
     "ASSOCIATOR_TASK_TIME_LIMIT": "65",
     "ASSOCIATOR_VISIBILITY_TIMEOUT": "70",
     # A claim left by a killed worker blocks its pair only this long.

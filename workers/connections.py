@@ -60,6 +60,9 @@ def celery_app(settings, *, role: str) -> Celery:
         task_time_limit=settings.task_time_limit_seconds,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task killed by its time limit comes back rather than being
+        # acknowledged with its events unrecorded; its deliveries are counted.
+        task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_concurrency=settings.worker_concurrency,

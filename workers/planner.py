@@ -24,6 +24,7 @@ through-record (the contact's deals), read in one batch call per plan.
 """
 
 import secrets
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -51,6 +52,9 @@ from workers.rules import (
 CLAIM_PREFIX = "associator:write:"
 PRIMARY_CLAIM_PREFIX = "associator:primary:"
 LABELING_SUFFIX = ":labeling"
+# What a pair's claim holds once its write succeeded (before: the owner's id).
+WRITTEN = "written"
+CLAIM_POLL_SECONDS = 0.05
 
 
 class PairBusy(TransientError):
@@ -121,6 +125,7 @@ class Planner:
         redis,
         claim_seconds: int,
         claim_owner: str | None = None,
+        claim_wait_seconds: float = 0.0,
         dry_run: bool = False,
     ):
         self.client = client
@@ -131,6 +136,9 @@ class Planner:
         self.claim_seconds = claim_seconds
         # The task id in a worker; without one each planner owns its own claims.
         self.claim_owner = claim_owner or secrets.token_hex(8)
+        # How long to wait for another plan's write of a pair to end before
+        # leaving the pair to a later read.
+        self.claim_wait_seconds = claim_wait_seconds
         self.dry_run = dry_run
 
     # -- the whole plan ---------------------------------------------------------
@@ -595,9 +603,15 @@ class Planner:
         if not writes:
             return done, failed
 
-        # Another plan holds the taken ones: it writes them, so they count as
-        # present here. The busy ones wait for another plan's labels.
-        claimed, taken, busy = self._claim(writes)
+        # Another plan has written the written ones: they count as present. It is
+        # still writing the taken ones, and its write may yet fail, so they are
+        # read again later, as are the busy ones, which wait for another plan's
+        # labels.
+        claimed, written, taken, busy = self._claim(writes)
+        for pair in taken:
+            failed[pair] = PairBusy(
+                f"another plan is writing {pair}; it is read again later"
+            )
         for pair, seconds in busy.items():
             # The other plan keeps its claim after writing: waiting less would
             # only spend attempts on a pair that is still busy.
@@ -607,7 +621,7 @@ class Planner:
             )
         if self.dry_run:
             self._release(claimed)
-            self._dry = set(claimed) | taken
+            self._dry = set(claimed) | written | taken
             return done, failed
 
         batches: dict[tuple[str, str, str], list[tuple[Pair, AssociationInput]]] = (
@@ -654,18 +668,39 @@ class Planner:
 
         if failed:
             self._release(failed)
+        if done:
+            # Other plans may count these as present from now on.
+            pipe = self.redis.pipeline()
+            for pair in done:
+                pipe.set(
+                    self._claim_key(pair, claimed[pair][1]),
+                    WRITTEN,
+                    xx=True,
+                    keepttl=True,
+                )
+            pipe.execute()
         result.created += len(done)
         self._written = {p: claimed[p] for p in done}
-        return done | taken, failed
+        return done | written, failed
 
-    def _claim(self, writes) -> tuple[dict, set[Pair], dict[Pair, float]]:
-        """(the writes this plan makes, the pairs another plan is writing, the
-        pairs whose labels another plan is writing, with the seconds its claim
-        still holds)."""
+    def _claim(self, writes) -> tuple[dict, set[Pair], set[Pair], dict[Pair, float]]:
+        """(the writes this plan makes, the pairs another plan has written, the
+        pairs another plan is writing, the pairs whose labels another plan is
+        writing, with the seconds its claim still holds)."""
         pairs = list(writes)
-        won = self._set_nx([self._claim_key(p, writes[p][1]) for p in pairs])
-        claimed = {p: writes[p] for p, ok in zip(pairs, won, strict=True) if ok}
-        taken = set(writes) - set(claimed)
+        holders = self._holders([self._claim_key(p, writes[p][1]) for p in pairs])
+        claimed = {
+            p: writes[p]
+            for p, holder in zip(pairs, holders, strict=True)
+            if holder == self.claim_owner
+        }
+        # Written by another plan since this one read: present. Still being
+        # written: busy, since that write may yet fail.
+        written = {
+            p for p, holder in zip(pairs, holders, strict=True) if holder == WRITTEN
+        }
+        taken = set(writes) - set(claimed) - written
+        self._await_writes(writes, taken, claimed, written)
         self._claims = {p: [self._claim_key(p, claimed[p][1])] for p in claimed}
 
         # A record has one Primary: the plan that claims it on the record first
@@ -707,11 +742,34 @@ class Planner:
                 pipe.pttl(self._labeling_claim_key(pair))
             answers = pipe.execute()
             holds = {p: max(ms, 0) / 1000 for p, ms in zip(busy, answers, strict=True)}
-        return claimed, taken, holds
+        return claimed, written, taken, holds
+
+    def _await_writes(self, writes, taken, claimed, written) -> None:
+        """Wait briefly for other plans' writes of the ``taken`` pairs to end:
+        a pair they wrote joins ``written``; one whose write failed (its claim
+        released) is claimed here and joins ``claimed``. The rest stay taken."""
+        deadline = time.monotonic() + self.claim_wait_seconds
+        while taken and time.monotonic() < deadline:
+            time.sleep(CLAIM_POLL_SECONDS)
+            pending = sorted(taken, key=str)
+            holders = self._holders([self._claim_key(p, writes[p][1]) for p in pending])
+            for pair, holder in zip(pending, holders, strict=True):
+                if holder == WRITTEN:
+                    written.add(pair)
+                elif holder == self.claim_owner:
+                    claimed[pair] = writes[pair]
+                else:
+                    continue
+                taken.discard(pair)
 
     def _set_nx(self, keys: list[str]) -> list[bool]:
         """Claim ``keys``: True for each one this plan's owner holds now, newly or
         from an earlier delivery of its task."""
+        return [holder == self.claim_owner for holder in self._holders(keys)]
+
+    def _holders(self, keys: list[str]) -> list[str]:
+        """Claim ``keys``; answer who holds each one now: this plan's owner (newly
+        or from an earlier delivery of its task), another, or ``WRITTEN``."""
         if not keys:
             return []
         pipe = self.redis.pipeline()
@@ -729,7 +787,7 @@ class Planner:
             for key in taken_back:
                 pipe.expire(key, self.claim_seconds)
             pipe.execute()
-        return [_text(holder) == self.claim_owner for holder in answers[1::2]]
+        return [_text(holder) for holder in answers[1::2]]
 
     def _release(self, pairs) -> None:
         keys = [key for pair in pairs for key in self._claims.pop(pair, [])]

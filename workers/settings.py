@@ -263,6 +263,13 @@ class Settings:
         "After a daily limit's reset, while one worker probes whether it cleared, "
         "how soon the others ask again.",
     )
+    claim_wait_seconds: float = _var(
+        "ASSOCIATOR_CLAIM_WAIT_SECONDS",
+        2.0,
+        "How long a plan waits for another plan's write of the same association "
+        "to end before reading the pair again later. Added once to the task's "
+        "calls, it must stay below the task time limit.",
+    )
     unacked_restore_seconds: int = _var(
         "ASSOCIATOR_UNACKED_RESTORE_SECONDS",
         10,
@@ -291,11 +298,14 @@ class Settings:
             )
         if (
             self.http_timeout_seconds + self.rate_limit_max_wait_seconds
-        ) * self.max_calls_per_task >= self.task_time_limit_seconds:
+        ) * self.max_calls_per_task + self.claim_wait_seconds >= (
+            self.task_time_limit_seconds
+        ):
             raise ConfigError(
                 "ASSOCIATOR_HTTP_TIMEOUT_SECONDS plus "
                 "ASSOCIATOR_RATE_LIMIT_MAX_WAIT_SECONDS, times "
-                "ASSOCIATOR_MAX_CALLS_PER_TASK, must stay below "
+                "ASSOCIATOR_MAX_CALLS_PER_TASK, plus ASSOCIATOR_CLAIM_WAIT_SECONDS, "
+                "must stay below "
                 "ASSOCIATOR_TASK_TIME_LIMIT, or a task could be killed in the "
                 "middle of its calls."
             )

@@ -137,6 +137,7 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         claim_seconds=context.settings.write_claim_seconds,
         # A delivery of the same message again takes back what its first claimed.
         claim_owner=task_id,
+        claim_wait_seconds=context.settings.claim_wait_seconds,
         dry_run=context.settings.dry_run,
     )
     calls_before = client.api_calls
@@ -341,8 +342,8 @@ def run_task(raw_events: list[dict], *, context: WorkerContext, task_id: str, me
     deliveries = count_delivery(context, task_id)
     if deliveries > context.settings.max_deliveries:
         details = (
-            f"handed to a worker {deliveries - 1} times; each time the worker "
-            "was lost before finishing it"
+            f"handed to a worker {deliveries - 1} times; each time it was not "
+            "finished (the worker lost, or the task time limit reached)"
         )
         _dead_letter_queued(context, raw_events, "worker_lost", details, task_id, meta)
         context.redis.delete(DELIVERIES_PREFIX + task_id)

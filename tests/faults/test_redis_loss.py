@@ -23,14 +23,15 @@ from tests.support import event
 from workers.embedded_redis import EmbeddedRedis
 
 # Every wait short, in the order workers/settings.py checks:
-# (1.0 s + 0.5 s) x 8 = 12 s < 13 s < 14 s. A task whose worker lost Redis in the
-# middle of it is handed out again after the visibility timeout.
+# (1.0 s + 0.5 s) x 8 + 0.5 s = 12.5 s < 13 s < 14 s. A task whose worker lost
+# Redis in the middle of it is handed out again after the visibility timeout.
 OUTAGE_SETTINGS = {
     "ASSOCIATOR_VISIBILITY_TIMEOUT": "14",
     "ASSOCIATOR_TASK_TIME_LIMIT": "13",
     "ASSOCIATOR_HTTP_TIMEOUT_SECONDS": "1.0",
     "ASSOCIATOR_RATE_LIMIT_MAX_WAIT_SECONDS": "0.5",
     "ASSOCIATOR_MAX_CALLS_PER_TASK": "8",
+    "ASSOCIATOR_CLAIM_WAIT_SECONDS": "0.5",
     "ASSOCIATOR_UNACKED_RESTORE_SECONDS": "1",
     # A delivery cut off between its claim and its publish blocks its
     # redelivery only this long.

@@ -6,6 +6,8 @@ and looks at the plan's result and at the fake's state afterwards.
 """
 
 import textwrap
+import threading
+import time
 
 import fakeredis
 import pytest
@@ -96,6 +98,7 @@ def make_planner(hubspot, redis):
         dry_run=False,
         client=HubSpotClient,
         claim_owner=None,
+        claim_wait_seconds=0.0,
     ):
         clients.append(
             client(
@@ -113,6 +116,7 @@ def make_planner(hubspot, redis):
             redis=redis,
             claim_seconds=600,
             claim_owner=claim_owner,
+            claim_wait_seconds=claim_wait_seconds,
             dry_run=dry_run,
         )
 
@@ -1579,16 +1583,50 @@ def test_a_second_plan_racing_for_the_same_pair_does_not_write_it(
 
     result = first.run([contact_created])
 
+    # The second plan does not count on the first one's write, which may still
+    # fail: it reads the pair again later, and then finds it present.
     (second_result,) = raced
-    assert second_result.outcomes == {
+    assert second_result.outcomes == {}
+    ((waiting, error),) = second_result.retry
+    assert waiting == company_created
+    assert isinstance(error, PairBusy)
+    assert result.outcomes[contact_created.dedup_key]["created"] == 1
+    again = make_planner().run([company_created])
+    assert again.outcomes == {
         company_created.dedup_key: applied(present=1, rules=[CONTACT_RULE])
     }
-    assert result.outcomes[contact_created.dedup_key]["created"] == 1
     assert len(write_calls(hubspot)) == 1
     assert hubspot.redundant_writes == 0
     assert hubspot.associations("contact", contact, "company") == {
         acme: {CONTACT_COMPANY, CONTACT_COMPANY_PRIMARY}
     }
+
+
+def test_a_plan_waits_briefly_for_another_plans_write_of_the_same_pair(
+    hubspot, make_planner
+):
+    acme = hubspot.add_record("company", {"domain": "acme.com"})
+    contact = hubspot.add_record("contact", {"email": "ann@acme.com"})
+    contact_created, company_created = created(contact), created(acme, "company")
+    first = make_planner(client=RacingClient)
+    second = make_planner(claim_wait_seconds=5.0)
+    results = []
+    waiting = threading.Thread(
+        target=lambda: results.append(second.run([company_created]))
+    )
+    # The second plan reads and claims while the first one is writing.
+    first.client.race = lambda: (waiting.start(), time.sleep(0.3))
+
+    first.run([contact_created])
+    waiting.join(timeout=10)
+
+    (second_result,) = results
+    assert second_result.retry == []
+    assert second_result.outcomes == {
+        company_created.dedup_key: applied(present=1, rules=[CONTACT_RULE])
+    }
+    assert len(write_calls(hubspot)) == 1
+    assert hubspot.redundant_writes == 0
 
 
 def test_two_plans_choosing_different_primaries_never_move_one(
@@ -1672,9 +1710,11 @@ def test_a_task_delivered_again_takes_back_the_claims_its_dead_worker_left(
     with pytest.raises(WorkerDied):
         make_planner(client=DyingClient, claim_owner="task-1").run([new])
 
-    # Another plan leaves the pair to the claim's owner.
+    # Another plan leaves the pair to the claim's owner, and reads it again later
+    # rather than count it as written.
     other = make_planner(claim_owner="task-2").run([new])
-    assert other.outcomes[new.dedup_key]["created"] == 0
+    assert other.outcomes == {}
+    assert [type(error) for _, error in other.retry] == [PairBusy]
     assert hubspot.associations("contact", contact, "company") == {}
 
     # The task's message, delivered again, writes it.
