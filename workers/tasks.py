@@ -54,6 +54,9 @@ DELIVERIES_PREFIX = "associator:deliveries:"
 DELIVERIES_TTL_SECONDS = 24 * 3600
 
 
+_WAITS = (RateLimited, Deferred)
+
+
 class CallBudgetSpent(TransientError):
     """A task made its most calls; the rest of its work goes to another task."""
 
@@ -183,8 +186,12 @@ def _plan_portal(portal_id, events, *, context: WorkerContext, task_id, meta):
         log.info("events_recheck_scheduled", events=len(result.recheck))
     for event, reason, details in result.dead:
         _dead_letter(context, event, reason, details, task_id, meta)
-    if result.retry:
-        _retry(context, [e for e, _ in result.retry], result.retry[0][1], meta)
+    # Waiting for a rate limit costs no attempt; any other failure does.
+    waits = [(e, err) for e, err in result.retry if isinstance(err, _WAITS)]
+    failures = [(e, err) for e, err in result.retry if not isinstance(err, _WAITS)]
+    for group in (waits, failures):
+        if group:
+            _retry(context, [e for e, _ in group], group[0][1], meta)
 
     log.info(
         "plan_applied",
@@ -254,7 +261,7 @@ def retry_delay(attempt: int, settings, retry_after: float | None) -> float:
 
 
 def _retry(context: WorkerContext, events, error: HubSpotError, meta):
-    if isinstance(error, RateLimited | Deferred):
+    if isinstance(error, _WAITS):
         _defer(context, events, error, meta)
         return
     if isinstance(error, CallBudgetSpent) and len(events) > 1:

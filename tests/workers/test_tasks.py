@@ -19,6 +19,7 @@ from workers.events import Event
 from workers.hubspot import HubSpotClient, RateLimited, TransientError
 from workers.labels import LabelResolver
 from workers.outcomes import OutcomeStore
+from workers.planner import PlanResult
 from workers.ratelimit import RateLimiter
 from workers.rules import load_rules
 from workers.settings import Settings
@@ -328,3 +329,37 @@ def test_redis_failing_in_the_middle_of_a_plan_sends_the_message_back(context, h
 
     assert context.outcomes.get(event.dedup_key) is None
     assert context.dead_letters.list() == []
+
+
+def test_events_waiting_for_a_limit_and_events_that_failed_are_retried_apart(
+    context, redis_client, monkeypatch
+):
+    limited, failed = contact_event(70, occurred_at=0), contact_event(71, occurred_at=0)
+
+    class StubPlanner:
+        def __init__(self, **_):
+            pass
+
+        def run(self, events, recheck=False):
+            return PlanResult(
+                retry=[
+                    (limited, RateLimited("429", status=429, retry_after=5.0)),
+                    (failed, TransientError("502", status=502)),
+                ]
+            )
+
+    monkeypatch.setattr("workers.tasks.Planner", StubPlanner)
+
+    run_task(
+        [limited.to_json(), failed.to_json()],
+        context=context,
+        task_id="task-mixed",
+        meta={},
+    )
+
+    entries = {entry["reason"]: entry for entry, _ in delayed(redis_client)}
+    assert set(entries) == {"rate_limit", "retry"}
+    assert entries["rate_limit"]["meta"].get("attempt", 0) == 0
+    assert [e["object_id"] for e in entries["rate_limit"]["events"]] == [70]
+    assert entries["retry"]["meta"]["attempt"] == 1
+    assert [e["object_id"] for e in entries["retry"]["events"]] == [71]
