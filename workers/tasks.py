@@ -8,6 +8,7 @@ with a reason, or ``dead_lettered`` with a reason. Until then it is either in a
 task or in the delay set (settling, waiting for a recheck or a retry).
 """
 
+import contextlib
 import random
 import time
 import traceback
@@ -15,7 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.credentials import UnknownPortal
 from workers.dead_letters import DeadLetterStore
@@ -358,8 +361,15 @@ def run_task(raw_events: list[dict], *, context: WorkerContext, task_id: str, me
 
     try:
         handle_events(raw_events, context=context, task_id=task_id, meta=meta)
-    except RedisError:
+    except (RedisConnectionError, RedisTimeoutError):
         # Nothing can be recorded without Redis: the message must come back.
+        # Its worker was not lost, so this delivery is not counted (if Redis
+        # lets the count be taken back).
+        _uncount_delivery(context, task_id)
+        raise
+    except RedisError:
+        # Redis refusing a command (out of memory, say) may refuse it again:
+        # the delivery stays counted, so this cannot come back for ever.
         raise
     except Exception:
         log.exception("task_failed", task=task_id)
@@ -372,6 +382,11 @@ def run_task(raw_events: list[dict], *, context: WorkerContext, task_id: str, me
             meta,
         )
     context.redis.delete(DELIVERIES_PREFIX + task_id)
+
+
+def _uncount_delivery(context: WorkerContext, task_id: str) -> None:
+    with contextlib.suppress(RedisError):
+        context.redis.decr(DELIVERIES_PREFIX + task_id)
 
 
 def _dead_letter_queued(context, raw_events, reason, details, task_id, meta):

@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -363,3 +364,33 @@ def test_events_waiting_for_a_limit_and_events_that_failed_are_retried_apart(
     assert [e["object_id"] for e in entries["rate_limit"]["events"]] == [70]
     assert entries["retry"]["meta"]["attempt"] == 1
     assert [e["object_id"] for e in entries["retry"]["events"]] == [71]
+
+
+def test_a_lost_redis_connection_does_not_count_as_a_lost_worker(context):
+    def unreachable(portal_id):
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    context.credentials_for = unreachable
+    event = contact_event(80, occurred_at=0)
+
+    for _ in range(5):
+        with pytest.raises(redis.exceptions.ConnectionError):
+            run_task([event.to_json()], context=context, task_id="task-blip", meta={})
+
+    assert int(context.redis.get("associator:deliveries:task-blip")) == 0
+    assert context.outcomes.get(event.dedup_key) is None
+
+
+def test_a_redis_refusal_stays_counted_so_it_ends_as_a_dead_letter(context):
+    def refused(portal_id):
+        raise redis.exceptions.ResponseError("OOM command not allowed")
+
+    context.credentials_for = refused
+    event = contact_event(81, occurred_at=0)
+
+    for _ in range(3):
+        with pytest.raises(redis.exceptions.ResponseError):
+            run_task([event.to_json()], context=context, task_id="task-oom", meta={})
+    run_task([event.to_json()], context=context, task_id="task-oom", meta={})
+
+    assert context.outcomes.get(event.dedup_key)["reason"] == "worker_lost"
