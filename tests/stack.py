@@ -46,6 +46,7 @@ from workers.delays import DELAY_KEY
 from workers.embedded_redis import die_with_parent
 from workers.events import Event
 from workers.labels import LABELS_PREFIX
+from workers.local_service import WORKER_COMMAND
 from workers.outcomes import OutcomeStore
 from workers.settings import Settings
 
@@ -91,19 +92,6 @@ FAST_SETTINGS = {
     # A claim left by a killed worker blocks its pair only this long.
     "ASSOCIATOR_WRITE_CLAIM_SECONDS": "10",
 }
-
-WORKER_COMMAND = [
-    sys.executable,
-    "-m",
-    "celery",
-    "-A",
-    "workers.worker",
-    "worker",
-    "--without-mingle",
-    "--without-gossip",
-    "--loglevel",
-    "INFO",
-]
 
 
 def web_command(port: int) -> list[str]:

@@ -26,6 +26,21 @@ SECRET_FILE = "client_secret"  # noqa: S105 - a file name, not a secret
 POLL_INTERVAL_SECONDS = 0.2
 
 
+# The Procfile's worker process, run with this interpreter.
+WORKER_COMMAND = [
+    sys.executable,
+    "-m",
+    "celery",
+    "-A",
+    "workers.worker",
+    "worker",
+    "--without-mingle",
+    "--without-gossip",
+    "--loglevel",
+    "INFO",
+]
+
+
 class RunError(Exception):
     """``associator run`` cannot start; the message says why."""
 
@@ -165,18 +180,7 @@ class LocalService:
                 str(int(self.settings.shutdown_timeout_seconds)),
                 "webhook:create_app()",
             ],
-            "worker": [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.worker",
-                "worker",
-                "--without-mingle",
-                "--without-gossip",
-                "--loglevel",
-                "INFO",
-            ],
+            "worker": WORKER_COMMAND,
         }
         for name, command in commands.items():
             # Own sessions: a Ctrl-C reaches this process only, which then stops
